@@ -1,0 +1,2433 @@
+# SPDX-License-Identifier: MIT
+# SPDX-FileCopyrightText: 2026 The prefactor_http authors
+"""A client for the Prefactor API in one file, standard library only.
+
+Copy this file next to your code (a Lambda function, a locked-down server) and
+import it; nothing else needs installing. It speaks the same API as the async
+``prefactor-http`` package: the same class, method, argument and exception names,
+synchronous, with an ``AsyncPrefactorHttpClient`` facade for asyncio code.
+
+Quick start::
+
+    from prefactor_http import HttpClientConfig, PrefactorHttpClient
+
+    config = HttpClientConfig(api_url="https://app.prefactorai.com", api_token="...")
+    with PrefactorHttpClient(config) as client:
+        inst = client.agent_instances.register(agent_id="...", agent_version={...})
+        client.agent_instances.start(inst.id)
+        span = client.agent_spans.create(agent_instance_id=inst.id,
+                                         schema_name="agent:llm", status="active")
+        client.agent_spans.finish(span.id, status="complete")
+        client.agent_instances.finish(inst.id, status="complete")
+
+Promises: connections are reused; every POST carries an idempotency key that is
+resent on every retry; retries follow ``Retry-After``; one attempt never exceeds
+``request_timeout`` and one call never exceeds ``total_timeout``; redirects are
+never followed and the token never appears in a repr, a message or a log line.
+
+``python -m prefactor_http demo`` shows it working against a local stand-in API.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # client and configuration
+    "HttpClientConfig",
+    "PrefactorHttpClient",
+    "AsyncPrefactorHttpClient",
+    # response models
+    "AgentInstance",
+    "AgentInstanceSpanCounts",
+    "AgentSpan",
+    "Agent",
+    "AgentSummary",
+    "ListResponse",
+    "Pagination",
+    "BulkItem",
+    "BulkRequest",
+    "BulkOutput",
+    "BulkResponse",
+    # request helpers and types
+    "AgentVersionForRegister",
+    "AgentSchemaVersionForRegister",
+    "SpanTypeSchemaForCreate",
+    "AgentStatus",
+    "FinishStatus",
+    "InstancePurpose",
+    # errors
+    "PrefactorHttpError",
+    "PrefactorApiError",
+    "PrefactorAuthError",
+    "PrefactorNotFoundError",
+    "PrefactorConflictError",
+    "PrefactorValidationError",
+    "PrefactorConnectionError",
+    "PrefactorTimeoutError",
+    "PrefactorResponseContractError",
+    "PrefactorRetryExhaustedError",
+    "PrefactorClientError",
+    "is_transient_http_error",
+    "is_permanent_http_error",
+    # testing
+    "LocalApiServer",
+]
+
+import http.client
+import json
+import os
+import re
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Callable, Literal
+from urllib.parse import quote, urlencode, urlsplit
+
+if TYPE_CHECKING:  # typing-only imports keep `import prefactor_http` cheap
+    import logging
+    import ssl
+    from collections.abc import Awaitable, Mapping, Sequence
+
+# ============================================================================ #
+# Constants
+# ============================================================================ #
+
+#: A response body larger than this is refused: the API answers in kilobytes, and a
+#: runaway proxy or a wrong URL must not exhaust a 128 MiB Lambda's memory.
+_MAX_RESPONSE_BYTES = 32 * 1024 * 1024
+#: The API rejects longer idempotency keys (both official clients check 64).
+_MAX_KEY_LENGTH = 64
+#: Bulk items need keys of 8 to 64 characters (upstream validation rule).
+_MIN_BULK_KEY_LENGTH = 8
+#: A generated key is the prefix plus a 36-character UUID4, so the prefix may use
+#: what is left of the 64.
+_MAX_KEY_PREFIX = _MAX_KEY_LENGTH - 36
+#: Error messages quote this much of a body that is not the expected JSON.
+_SNIPPET_LENGTH = 200
+#: Read unknown-length bodies in pieces of this size, checking the size limit.
+_READ_CHUNK = 64 * 1024
+
+AgentStatus = Literal["pending", "active", "complete", "failed", "cancelled", "terminated"]
+FinishStatus = Literal["complete", "failed", "cancelled"]
+InstancePurpose = Literal["live", "smoke_test", "eval"]
+_AGENT_STATUSES = ("pending", "active", "complete", "failed", "cancelled", "terminated")
+_FINISH_STATUSES = ("complete", "failed", "cancelled")
+_PURPOSES = ("live", "smoke_test", "eval")
+
+_UTC = timezone.utc
+_PYTHON = "{}.{}".format(*sys.version_info[:2])
+_monotonic = time.monotonic
+
+# ============================================================================ #
+# Exceptions
+#
+#   PrefactorHttpError
+#   +-- PrefactorApiError                 the server answered with an error status
+#   |   +-- PrefactorAuthError            401, 403
+#   |   +-- PrefactorNotFoundError        404
+#   |   +-- PrefactorConflictError        409
+#   |   +-- PrefactorValidationError      400, 422
+#   +-- PrefactorConnectionError          refused, reset, DNS, TLS, dropped
+#   |   +-- PrefactorTimeoutError         connect or request timeout
+#   +-- PrefactorResponseContractError    2xx body that is not the promised shape
+#   +-- PrefactorRetryExhaustedError      every attempt failed (.last_error)
+#   +-- PrefactorClientError              misuse at run time (a closed client)
+# ============================================================================ #
+
+
+class PrefactorHttpError(Exception):
+    """Base class of every error a call can raise (bad arguments aside)."""
+
+
+class PrefactorApiError(PrefactorHttpError):
+    """The API answered with an error status.
+
+    ``message`` and ``code`` come from the error envelope when the body is JSON;
+    ``retry_after`` is the server's ``Retry-After`` in seconds, or None;
+    ``body_snippet`` quotes a body that was not the JSON envelope.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        code: str,
+        status_code: int,
+        *,
+        errors: Any = None,
+        retry_after: float | None = None,
+        body_snippet: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.status_code = status_code
+        self.errors: Any = {} if errors is None else errors
+        self.retry_after = retry_after
+        self.body_snippet = body_snippet
+
+    def __str__(self) -> str:
+        return f"{self.message} (HTTP {self.status_code}, code {self.code!r})"
+
+
+class PrefactorAuthError(PrefactorApiError):
+    """401 or 403: the token is missing, wrong, expired or not allowed."""
+
+
+class PrefactorNotFoundError(PrefactorApiError):
+    """404: no such resource."""
+
+
+class PrefactorConflictError(PrefactorApiError):
+    """409: the action does not fit the resource's state (already finished)."""
+
+
+class PrefactorValidationError(PrefactorApiError):
+    """400 or 422: the server rejected the request; ``errors`` says why."""
+
+
+class PrefactorConnectionError(PrefactorHttpError):
+    """The request did not get a complete answer: refused, reset, DNS, TLS.
+
+    ``transient`` is False for failures a retry cannot fix (a certificate that
+    does not verify).
+    """
+
+    def __init__(self, message: str, *, transient: bool = True) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+class PrefactorTimeoutError(PrefactorConnectionError):
+    """Connecting, or one attempt, or the whole call took too long."""
+
+
+class PrefactorResponseContractError(PrefactorHttpError):
+    """A success response whose body is not the JSON shape the API promises."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        body_snippet: str | None = None,
+        cause: BaseException | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.body_snippet = body_snippet
+        self.cause = cause
+
+
+class PrefactorRetryExhaustedError(PrefactorHttpError):
+    """Every attempt failed with a retryable error; ``last_error`` is the last."""
+
+    def __init__(self, message: str, last_error: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.last_error = last_error
+
+
+class PrefactorClientError(PrefactorHttpError):
+    """The client was used wrongly at run time (for example after ``close()``)."""
+
+
+#: Status code -> error class; anything else is a plain PrefactorApiError.
+_STATUS_ERRORS: dict[int, type[PrefactorApiError]] = {
+    400: PrefactorValidationError,
+    401: PrefactorAuthError,
+    403: PrefactorAuthError,
+    404: PrefactorNotFoundError,
+    409: PrefactorConflictError,
+    422: PrefactorValidationError,
+}
+
+
+def _transient_status(status: int | None) -> bool:
+    return status is not None and (status == 429 or status >= 500)
+
+
+def is_transient_http_error(error: BaseException) -> bool:
+    """True when trying the same call again later may succeed."""
+    if isinstance(error, PrefactorRetryExhaustedError) and error.last_error is not None:
+        return is_transient_http_error(error.last_error)
+    if isinstance(error, PrefactorConnectionError):
+        return error.transient
+    if isinstance(error, (PrefactorApiError, PrefactorResponseContractError)):
+        return _transient_status(error.status_code)
+    return isinstance(error, (OSError, http.client.HTTPException))
+
+
+def is_permanent_http_error(error: BaseException) -> bool:
+    """True when retrying the same call can never succeed."""
+    if isinstance(error, PrefactorRetryExhaustedError) and error.last_error is not None:
+        return is_permanent_http_error(error.last_error)
+    if isinstance(error, PrefactorConnectionError):
+        return not error.transient
+    if isinstance(error, PrefactorApiError):
+        return 400 <= error.status_code < 500 and error.status_code != 429
+    if isinstance(error, PrefactorResponseContractError):
+        return not _transient_status(error.status_code)
+    return isinstance(error, PrefactorClientError)
+
+
+# ============================================================================ #
+# Configuration
+# ============================================================================ #
+
+
+def _positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+
+
+def _check_header_value(name: str, value: str) -> None:
+    """Refuse characters that would break or smuggle an HTTP header."""
+    if not value.isprintable() or not value.isascii():
+        raise ValueError(f"{name} contains control or non-ASCII characters")
+
+
+@dataclass
+class HttpClientConfig:
+    """Where the API is, how to authenticate, and how hard to try.
+
+    The fields of the upstream client keep their names and defaults. New:
+    ``total_timeout`` bounds a whole call with its retries and waits (set it from
+    a Lambda's remaining time), ``ca_file`` adds a CA bundle (a corporate proxy's),
+    ``trust_env`` honours ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY``.
+    """
+
+    api_url: str
+    api_token: str = field(repr=False)
+    request_timeout: float = 30.0
+    connect_timeout: float = 10.0
+    max_retries: int = 3
+    initial_retry_delay: float = 1.0
+    max_retry_delay: float = 60.0
+    retry_multiplier: float = 2.0
+    retry_on_status_codes: tuple[int, ...] = (429, 500, 502, 503, 504)
+    default_idempotency_key: str | None = None
+    total_timeout: float | None = None
+    ca_file: str | None = None
+    trust_env: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.api_url, str) or not self.api_url:
+            raise ValueError("api_url is required")
+        parts = urlsplit(self.api_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"api_url must be an http:// or https:// URL, got {self.api_url!r}")
+        if parts.query or parts.fragment:
+            raise ValueError("api_url must not carry a query string or fragment")
+        if not isinstance(self.api_token, str) or not self.api_token:
+            raise ValueError("api_token is required")
+        if self.api_token.strip() != self.api_token or " " in self.api_token:
+            raise ValueError("api_token must not contain spaces")
+        _check_header_value("api_token", self.api_token)
+        for name in ("request_timeout", "connect_timeout", "initial_retry_delay", "max_retry_delay"):
+            _positive(name, getattr(self, name))
+        if self.total_timeout is not None:
+            _positive("total_timeout", self.total_timeout)
+        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int):
+            raise ValueError(f"max_retries must be an integer, got {self.max_retries!r}")
+        if self.max_retries < 0:
+            raise ValueError("max_retries must be non-negative")
+        if self.initial_retry_delay > self.max_retry_delay:
+            raise ValueError("initial_retry_delay must be <= max_retry_delay")
+        if isinstance(self.retry_multiplier, bool) or not self.retry_multiplier >= 1:
+            raise ValueError("retry_multiplier must be >= 1")
+        codes = tuple(self.retry_on_status_codes)
+        for code in codes:
+            if isinstance(code, bool) or not isinstance(code, int) or not 100 <= code <= 599:
+                raise ValueError(f"retry_on_status_codes holds {code!r}, not an HTTP status")
+        self.retry_on_status_codes = codes
+        prefix = self.default_idempotency_key
+        if prefix is not None:
+            if not isinstance(prefix, str) or len(prefix) > _MAX_KEY_PREFIX:
+                raise ValueError(
+                    f"default_idempotency_key is a prefix for generated keys and must be"
+                    f" a string of at most {_MAX_KEY_PREFIX} characters"
+                )
+            _check_header_value("default_idempotency_key", prefix)
+        if self.ca_file is not None and not os.path.isfile(self.ca_file):
+            raise ValueError(f"ca_file {self.ca_file!r} is not a readable file")
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> HttpClientConfig:
+        """Build from ``PREFACTOR_API_URL`` and ``PREFACTOR_API_TOKEN``; keyword
+        arguments override them and set any other field."""
+        values: dict[str, Any] = {
+            "api_url": os.environ.get("PREFACTOR_API_URL", ""),
+            "api_token": os.environ.get("PREFACTOR_API_TOKEN", ""),
+        }
+        values.update(overrides)
+        if not values["api_url"]:
+            raise ValueError("api_url is required: set PREFACTOR_API_URL or pass api_url=")
+        if not values["api_token"]:
+            raise ValueError("api_token is required: set PREFACTOR_API_TOKEN or pass api_token=")
+        return cls(**values)
+
+
+# ============================================================================ #
+# Models
+# ============================================================================ #
+
+_FRACTION = re.compile(r"\.(\d+)")
+
+
+def _parse_datetime(value: Any, where: str) -> datetime:
+    """An aware datetime from ISO-8601 with ``Z`` or an offset and 0-9 fraction
+    digits. (3.9: ``fromisoformat`` knows neither ``Z`` nor 1, 2, 4, 5, 7-9 digits.)"""
+    if isinstance(value, str):
+        text = value[:-1] + "+00:00" if value[-1:] in ("Z", "z") else value
+        for attempt in (text, _FRACTION.sub(lambda m: "." + (m.group(1) + "00000")[:6], text, count=1)):
+            try:
+                parsed = datetime.fromisoformat(attempt)
+            except ValueError:
+                continue
+            return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=_UTC)
+    raise PrefactorResponseContractError(f"{where} is not an ISO-8601 timestamp: {value!r:.60}")
+
+
+def _build(cls: Any, data: Any, where: str) -> Any:
+    """Build a response dataclass leniently: known keys become fields (converted
+    where the class says so), unknown keys go to ``extra``, missing keys keep
+    their defaults. Never ``cls(**data)``: a new server field must not break us."""
+    if not isinstance(data, dict):
+        raise PrefactorResponseContractError(f"{where} must be a JSON object, got {type(data).__name__}")
+    names: dict[str, Any] = cls._fields
+    values: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for key, value in data.items():
+        convert = names.get(key, _UNKNOWN)
+        if convert is _UNKNOWN:
+            extra[key] = value
+        elif convert is None or value is None:
+            values[key] = value
+        else:
+            values[key] = convert(value, f"{where}.{key}")
+    if "id" in names and not isinstance(values.get("id"), str):
+        raise PrefactorResponseContractError(f"{where} has no string 'id'")
+    return cls(extra=extra, **values)
+
+
+_UNKNOWN = object()
+
+
+def _nested(cls: Any) -> Callable[[Any, str], Any]:
+    return lambda value, where: _build(cls, value, where)
+
+
+def _fields(**converters: Any) -> Callable[[Any], Any]:
+    """Class decorator: record each dataclass field's converter (None: as is)."""
+
+    def apply(cls: Any) -> Any:
+        cls._fields = {name: converters.get(name) for name in cls.__dataclass_fields__ if name != "extra"}
+        return cls
+
+    return apply
+
+
+_dt = _parse_datetime
+
+
+@_fields()
+@dataclass
+class AgentInstanceSpanCounts:
+    """How many spans an instance has, by state."""
+
+    total: int = 0
+    active: int = 0
+    complete: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    finished: int = 0
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@_fields(
+    inserted_at=_dt,
+    updated_at=_dt,
+    started_at=_dt,
+    finished_at=_dt,
+    span_counts=_nested(AgentInstanceSpanCounts),
+)
+@dataclass
+class AgentInstance:
+    """One run of an agent: registered, started, finished or terminated."""
+
+    id: str
+    type: str = "agent_instance"
+    account_id: str | None = None
+    agent_id: str | None = None
+    agent_version_id: str | None = None
+    environment_id: str | None = None
+    agent_deployment_id: str | None = None
+    status: str | None = None
+    inserted_at: datetime | None = None
+    updated_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    termination_reason: str | None = None
+    external_identifier: str | None = None
+    span_counts: AgentInstanceSpanCounts | None = None
+    purpose: str | None = None
+    quality_payloads: dict[str, Any] | None = None
+    quality_summaries: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@_fields(started_at=_dt, inserted_at=_dt, updated_at=_dt, finished_at=_dt)
+@dataclass
+class AgentSpan:
+    """One recorded step of an agent instance (an LLM call, a tool call)."""
+
+    id: str
+    type: str = "agent_span"
+    account_id: str | None = None
+    agent_id: str | None = None
+    agent_instance_id: str | None = None
+    parent_span_id: str | None = None
+    schema_name: str | None = None
+    schema_title: str | None = None
+    status: str | None = None
+    payload: dict[str, Any] = field(default_factory=dict)
+    result_payload: dict[str, Any] | None = None
+    summary: str | None = None
+    started_at: datetime | None = None
+    inserted_at: datetime | None = None
+    updated_at: datetime | None = None
+    finished_at: datetime | None = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@_fields(inserted_at=_dt, updated_at=_dt)
+@dataclass
+class Agent:
+    """An agent of the account."""
+
+    id: str
+    type: str = "agent"
+    name: str | None = None
+    description: str | None = None
+    external_identifier: str | None = None
+    status: str | None = None
+    owner_person_id: str | None = None
+    risk_profile_id: str | None = None
+    team_id: str | None = None
+    instance_counts: dict[str, Any] | None = None
+    available_actions: dict[str, Any] | None = None
+    inserted_at: datetime | None = None
+    updated_at: datetime | None = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@_fields(inserted_at=_dt, updated_at=_dt)
+@dataclass
+class AgentSummary:
+    """An agent as a list row."""
+
+    id: str
+    type: str = "agent"
+    name: str | None = None
+    description: str | None = None
+    external_identifier: str | None = None
+    status: str | None = None
+    owner_person_id: str | None = None
+    team_id: str | None = None
+    available_actions: dict[str, Any] | None = None
+    inserted_at: datetime | None = None
+    updated_at: datetime | None = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@_fields()
+@dataclass
+class Pagination:
+    """Where a list page sits; ``next_page_offset`` is None on the last page."""
+
+    item_count: int | None = None
+    item_end: int | None = None
+    item_start: int | None = None
+    next_page_offset: int | None = None
+    page_count: int | None = None
+    page_index: int | None = None
+    page_offset: int | None = None
+    page_size: int | None = None
+    previous_page_offset: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@_fields(pagination=_nested(Pagination))
+@dataclass
+class ListResponse:
+    """One page of a list: ``summaries`` plus where the page sits."""
+
+    status: str = "success"
+    summaries: list[Any] = field(default_factory=list)
+    pagination: Pagination | None = None
+    sorting: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@_fields()
+@dataclass
+class BulkOutput:
+    """The result of one bulk item: ``status`` is ``success`` or ``error``."""
+
+    status: str = "success"
+    details: Any = None
+    summaries: list[Any] | None = None
+    pagination: dict[str, Any] | None = None
+    code: str | None = None
+    message: str | None = None
+    errors: Any = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@_fields()
+@dataclass
+class BulkResponse:
+    """Bulk results keyed by item idempotency key. Items after the first failing
+    one are not processed and have no entry."""
+
+    status: str = "success"
+    outputs: dict[str, BulkOutput] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+class BulkItem:
+    """One action of a bulk request: ``BulkItem(_type="agent_spans/create",
+    idempotency_key="...", **params)``; params are the single endpoint's body
+    fields, flat. Raises ValueError on a missing type or a bad key."""
+
+    __slots__ = ("idempotency_key", "params", "type")
+
+    def __init__(self, _type: str | None = None, idempotency_key: str | None = None, **params: Any):
+        if _type is None:
+            _type = params.pop("type", None)
+        problems = _bulk_item_problems(_type, idempotency_key)
+        if problems:
+            raise ValueError("invalid BulkItem: " + "; ".join(problems))
+        self.type: str = _type  # type: ignore[assignment,unused-ignore]
+        self.idempotency_key: str = idempotency_key  # type: ignore[assignment]
+        self.params = params
+
+    def to_dict(self) -> dict[str, Any]:
+        """The item as sent on the wire."""
+        return {"_type": self.type, "idempotency_key": self.idempotency_key, **self.params}
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.params[name]  # params read like attributes, as upstream
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BulkItem) and other.to_dict() == self.to_dict()
+
+    def __repr__(self) -> str:
+        return f"BulkItem(_type={self.type!r}, idempotency_key={self.idempotency_key!r}, ...)"
+
+
+def _bulk_item_problems(kind: Any, key: Any) -> list[str]:
+    problems = []
+    if not isinstance(kind, str) or not kind:
+        problems.append("_type is required (e.g. 'agent_spans/create')")
+    if not isinstance(key, str):
+        problems.append("idempotency_key is required")
+    elif not _MIN_BULK_KEY_LENGTH <= len(key) <= _MAX_KEY_LENGTH:
+        problems.append(f"idempotency_key must be {_MIN_BULK_KEY_LENGTH}-{_MAX_KEY_LENGTH} characters, got {len(key)}")
+    return problems
+
+
+class BulkRequest:
+    """Items for ``/api/v1/bulk``: at least one, keys 8-64 characters and unique.
+    Dicts are accepted as items. One ValueError lists every problem."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: Sequence[BulkItem | Mapping[str, Any]]):
+        if isinstance(items, (str, bytes)) or not hasattr(items, "__iter__"):
+            raise TypeError("items must be a list of BulkItem or dicts")
+        problems: list[str] = []
+        built: list[BulkItem] = []
+        seen: dict[str, int] = {}
+        for index, item in enumerate(items):
+            if isinstance(item, BulkItem):
+                built.append(item)
+            elif hasattr(item, "keys"):
+                params = dict(item)
+                kind = params.pop("_type", params.pop("type", None))
+                key = params.pop("idempotency_key", None)
+                found = _bulk_item_problems(kind, key)
+                problems.extend(f"item {index}: {p}" for p in found)
+                if not found:
+                    built.append(BulkItem(kind, key, **params))
+                    if key in seen:
+                        problems.append(f"item {index}: idempotency_key {key!r} repeats item {seen[key]}")
+                    seen.setdefault(key, index)
+                continue
+            else:
+                problems.append(f"item {index}: expected a BulkItem or dict, got {type(item).__name__}")
+                continue
+            key = item.idempotency_key
+            if key in seen:
+                problems.append(f"item {index}: idempotency_key {key!r} repeats item {seen[key]}")
+            seen.setdefault(key, index)
+        if not built and not problems:
+            problems.append("at least one item is required")
+        if problems:
+            raise ValueError("invalid bulk request:\n  " + "\n  ".join(problems))
+        self.items = built
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"items": [item.to_dict() for item in self.items]}
+
+    def __repr__(self) -> str:
+        return f"BulkRequest(items=[{len(self.items)} items])"
+
+
+class _RequestModel:
+    """Request helper: serialised as its fields that are not None."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass
+class AgentVersionForRegister(_RequestModel):
+    """``agent_version`` of a register call (a dict works as well)."""
+
+    name: str | None = None
+    external_identifier: str | None = None
+    description: str | None = None
+    runtime_environment: dict[str, Any] | None = None
+
+
+@dataclass
+class SpanTypeSchemaForCreate(_RequestModel):
+    """One span type of a schema version (a dict works as well)."""
+
+    name: str
+    params_schema: dict[str, Any]
+    result_schema: dict[str, Any] | None = None
+    title: str | None = None
+    description: str | None = None
+    template: str | None = None
+    data_risk: dict[str, Any] | None = None
+
+
+@dataclass
+class AgentSchemaVersionForRegister(_RequestModel):
+    """``agent_schema_version`` of a register call (a dict works as well)."""
+
+    external_identifier: str | None = None
+    span_schemas: dict[str, Any] | None = None
+    span_result_schemas: dict[str, Any] | None = None
+    span_type_schemas: list[Any] | None = None
+    quality_schemas: list[Any] | None = None
+
+
+# ============================================================================ #
+# Request validation and encoding
+# ============================================================================ #
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (_RequestModel, BulkItem, BulkRequest)):
+        return value.to_dict()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=_json_default).encode
+
+
+def _encode_body(body: dict[str, Any], operation: str) -> bytes:
+    """JSON bytes, or a ValueError naming the argument that is not JSON."""
+    try:
+        return _encode(body).encode()
+    except (ValueError, TypeError, RecursionError) as exc:
+        culprit = "the request body"
+        details = body.get("details")
+        pairs = [*(details.items() if isinstance(details, dict) else ()), *body.items()]
+        for key, value in pairs:
+            try:
+                _encode(value)
+            except (ValueError, TypeError, RecursionError):
+                culprit = repr(key)
+                break
+        raise ValueError(f"{operation}: {culprit} is not valid JSON ({exc})") from None
+
+
+def _check_id(value: Any, name: str) -> str:
+    """An id as one percent-encoded path segment; '../x?y' cannot go elsewhere."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, got {type(value).__name__}")
+    if not value.strip() or value in (".", ".."):
+        raise ValueError(f"{name} must be a non-empty id, got {value!r}")
+    return quote(value, safe="")
+
+
+def _check_key(key: Any, name: str = "idempotency_key") -> str:
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"{name} must be a non-empty string")
+    if len(key) > _MAX_KEY_LENGTH:
+        raise ValueError(f"{name} must be at most {_MAX_KEY_LENGTH} characters, got {len(key)}")
+    _check_header_value(name, key)
+    return key
+
+
+def _check_choice(value: Any, allowed: tuple[str, ...], name: str) -> Any:
+    if value is not None and value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+    return value
+
+
+def _check_mapping(value: Any, name: str) -> Any:
+    if value is not None and not hasattr(value, "keys") and not isinstance(value, _RequestModel):
+        raise TypeError(f"{name} must be a dict, got {type(value).__name__}")
+    return value
+
+
+def _timestamp(value: Any, name: str) -> str | None:
+    """Aware datetime -> UTC ISO-8601 with ``Z``; naive datetimes are refused."""
+    if value is None:
+        return None
+    if not isinstance(value, datetime):
+        raise TypeError(f"{name} must be a datetime, got {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{name} must be timezone-aware (e.g. datetime.now(timezone.utc))")
+    return value.astimezone(_UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+
+
+def _drop_none(**values: Any) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _uuid4() -> str:
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40
+    raw[8] = raw[8] & 0x3F | 0x80
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+# ============================================================================ #
+# Retry policy
+# ============================================================================ #
+
+
+def _parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP date);
+    None when absent or unreadable. Never negative."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when is None:
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=_UTC)
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if seconds != seconds or seconds == float("inf"):  # NaN or infinity
+        return None
+    return max(0.0, seconds)
+
+
+def _backoff(config: HttpClientConfig, retry: int, rand: Callable[[], float]) -> float:
+    """``initial * multiplier**retry`` with jitter x0.75-1.25, capped."""
+    base = config.initial_retry_delay * config.retry_multiplier**retry
+    return min(base * (0.75 + rand() * 0.5), config.max_retry_delay)
+
+
+def _random() -> float:
+    return int.from_bytes(os.urandom(7), "big") / 2**56
+
+
+# ============================================================================ #
+# Transport: the only code that touches socket, ssl and http.client
+# ============================================================================ #
+
+
+class _DeadlineSocket(socket.socket):
+    """A socket whose reads share one deadline, so a server trickling a byte a
+    second still cannot hold an attempt past ``request_timeout``."""
+
+    deadline = float("inf")
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        remaining = self.deadline - _monotonic()
+        if remaining <= 0:
+            raise socket.timeout("timed out")
+        self.settimeout(remaining)
+        return super().recv_into(buffer, nbytes, flags)
+
+
+_TLS_SOCKET: Any = None
+
+
+def _tls_socket_class() -> Any:
+    """The TLS twin of _DeadlineSocket, made when the first https URL needs it."""
+    global _TLS_SOCKET
+    if _TLS_SOCKET is None:
+        import ssl
+
+        class _DeadlineTLSSocket(ssl.SSLSocket):
+            deadline = float("inf")
+
+            def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
+                remaining = self.deadline - _monotonic()
+                if remaining <= 0:
+                    raise socket.timeout("timed out")
+                self.settimeout(remaining)
+                return super().recv_into(buffer, nbytes, flags)  # type: ignore[arg-type,unused-ignore]
+
+        _TLS_SOCKET = _DeadlineTLSSocket
+    return _TLS_SOCKET
+
+
+def _open_socket(address: tuple[str, int], timeout: float | None = None, source: Any = None) -> _DeadlineSocket:
+    """socket.create_connection, but the socket is a _DeadlineSocket."""
+    host, port = address
+    error: OSError | None = None
+    for family, kind, proto, _, addr in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+        sock = _DeadlineSocket(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(addr)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise error or OSError(f"no address found for {host}")
+
+
+def _proxy_for(scheme: str, host: str) -> str | None:
+    """The proxy URL for a request, read from the environment as curl does."""
+    env = os.environ
+    no_proxy = env.get("no_proxy", env.get("NO_PROXY", ""))
+    for entry in no_proxy.replace(" ", "").lower().split(","):
+        entry = entry.lstrip(".").split(":")[0] if entry != "*" else entry
+        if entry == "*" or (entry and (host == entry or host.endswith("." + entry))):
+            return None
+    names = [f"{scheme}_proxy", "all_proxy", "ALL_PROXY"]
+    if scheme == "https" or "REQUEST_METHOD" not in env:  # CGI: HTTP_PROXY is a header
+        names.insert(1, f"{scheme.upper()}_PROXY")
+    for name in names:
+        if env.get(name):
+            return env[name]
+    return None
+
+
+class _Transport:
+    """Keep-alive HTTP/1.1 connections, one per thread, to one origin."""
+
+    def __init__(self, config: HttpClientConfig) -> None:
+        parts = urlsplit(config.api_url)
+        self.tls = parts.scheme == "https"
+        self.host: str = parts.hostname  # type: ignore[assignment]
+        self.port = parts.port or (443 if self.tls else 80)
+        self.base_path = parts.path.rstrip("/")
+        self.connect_timeout = config.connect_timeout
+        self.ca_file = config.ca_file
+        self.secrets = [config.api_token]
+        self.proxy: tuple[str, int] | None = None
+        self.proxy_headers: dict[str, str] = {}
+        self.target_prefix = self.base_path
+        proxy = _proxy_for(parts.scheme, self.host.lower()) if config.trust_env else None
+        if proxy:
+            self._use_proxy(proxy)
+        self._context: ssl.SSLContext | None = None
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._open: list[http.client.HTTPConnection] = []
+
+    def _use_proxy(self, url: str) -> None:
+        proxy = urlsplit(url if "://" in url else "http://" + url)
+        if proxy.scheme != "http" or not proxy.hostname:
+            raise ValueError("only http:// proxies are supported (the proxy URL is not shown)")
+        self.proxy = (proxy.hostname, proxy.port or 8080)
+        if proxy.username is not None:
+            from base64 import b64encode
+            from urllib.parse import unquote
+
+            user, password = unquote(proxy.username), unquote(proxy.password or "")
+            token = b64encode(f"{user}:{password}".encode()).decode()
+            self.proxy_headers["Proxy-Authorization"] = "Basic " + token
+            self.secrets += [s for s in (password, token) if len(s) >= 4]
+        if not self.tls:  # plain HTTP through a proxy: absolute URL, headers inline
+            netloc = self.host if self.port == 80 else f"{self.host}:{self.port}"
+            self.target_prefix = f"http://{netloc}{self.base_path}"
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        if self._context is None:
+            import ssl
+
+            context = ssl.create_default_context()  # verified; honours SSL_CERT_FILE
+            if self.ca_file:
+                context.load_verify_locations(cafile=self.ca_file)
+            context.sslsocket_class = _tls_socket_class()
+            self._context = context
+        return self._context
+
+    def _new_connection(self) -> http.client.HTTPConnection:
+        host, port = self.proxy or (self.host, self.port)
+        conn: http.client.HTTPConnection
+        if self.tls:
+            conn = http.client.HTTPSConnection(host, port, context=self._ssl_context())
+            if self.proxy:
+                conn.set_tunnel(self.host, self.port, headers=self.proxy_headers)
+        else:
+            conn = http.client.HTTPConnection(host, port)
+        conn._create_connection = _open_socket  # type: ignore[attr-defined]
+        with self._lock:
+            self._open.append(conn)
+        return conn
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._open = self._open, []
+        for conn in conns:
+            conn.close()
+
+    def redact(self, text: str) -> str:
+        for secret in self.secrets:
+            if secret and secret in text:
+                text = text.replace(secret, "[REDACTED]")
+        return text
+
+    def round_trip(
+        self,
+        method: str,
+        path: str,
+        headers: list[tuple[str, str]],
+        body: bytes | None,
+        deadline: float,
+        timeout_text: str,
+    ) -> tuple[int, http.client.HTTPResponse, bytes]:
+        """One attempt: send, read the whole answer. Raises our errors only."""
+        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._new_connection()
+        try:
+            sock = conn.sock
+            if sock is not None and _was_closed(sock):
+                conn.close()  # closed by the server while idle: reconnect, free
+                sock = None
+            if sock is None:
+                conn.timeout = min(self.connect_timeout, max(deadline - _monotonic(), 0.001))
+                conn.connect()
+                sock = conn.sock
+            sock.deadline = deadline  # type: ignore[union-attr]
+            sock.settimeout(max(deadline - _monotonic(), 0.001))
+            conn.putrequest(method, self.target_prefix + path, skip_accept_encoding=True)
+            for name, value in headers:
+                conn.putheader(name, value)
+            if self.proxy and not self.tls:
+                for name, value in self.proxy_headers.items():
+                    conn.putheader(name, value)
+            conn.endheaders(body)
+            response = conn.getresponse()
+            length = response.length
+            if length is not None and length > _MAX_RESPONSE_BYTES:
+                conn.close()
+                raise _TooLarge(response.status, length)
+            data = response.read() if length is not None else _read_limited(response)
+            if response.will_close:
+                conn.close()
+            return response.status, response, data
+        except _TooLarge as exc:
+            conn.close()
+            raise PrefactorResponseContractError(
+                f"{method} {path}: response of {exc.args[1]} bytes or more refused (limit {_MAX_RESPONSE_BYTES} bytes)",
+                status_code=exc.args[0],
+            ) from None
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            conn.close()
+            raise self._translate(exc, method, path, timeout_text) from exc
+
+    def _translate(self, exc: BaseException, method: str, path: str, timeout_text: str) -> PrefactorHttpError:
+        """Map one socket/ssl/http.client failure to our error classes."""
+        if exc.args and any(isinstance(a, str) and self.redact(a) != a for a in exc.args):
+            exc.args = tuple(self.redact(a) if isinstance(a, str) else a for a in exc.args)
+        where = f"{method} {path}"
+        name = type(exc).__name__
+        if isinstance(exc, socket.timeout) or name == "TimeoutError":
+            return PrefactorTimeoutError(f"{where}: {timeout_text}")
+        if name == "SSLCertVerificationError":
+            return PrefactorConnectionError(
+                f"{where}: TLS certificate verification failed for {self.host}"
+                f" ({getattr(exc, 'verify_message', exc)}); set ca_file if a proxy"
+                " re-signs traffic",
+                transient=False,
+            )
+        if isinstance(exc, socket.gaierror):
+            return PrefactorConnectionError(f"{where}: cannot resolve {self.host}: {exc}")
+        if isinstance(exc, http.client.RemoteDisconnected):
+            return PrefactorConnectionError(f"{where}: server closed the connection without answering")
+        if isinstance(exc, ConnectionRefusedError):
+            return PrefactorConnectionError(f"{where}: connection refused by {self.host}:{self.port}")
+        if isinstance(exc, http.client.IncompleteRead):
+            return PrefactorConnectionError(f"{where}: response cut short after {len(exc.partial)} bytes")
+        if isinstance(exc, (http.client.HTTPException, ValueError)):
+            return PrefactorConnectionError(f"{where}: malformed HTTP response ({name}: {self.redact(str(exc))[:120]})")
+        return PrefactorConnectionError(f"{where}: {name}: {self.redact(str(exc))[:200]}")
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _read_limited(response: http.client.HTTPResponse) -> bytes:
+    pieces: list[bytes] = []
+    size = 0
+    while True:
+        piece = response.read(_READ_CHUNK)
+        if not piece:
+            return b"".join(pieces)
+        size += len(piece)
+        if size > _MAX_RESPONSE_BYTES:
+            raise _TooLarge(response.status, size)
+        pieces.append(piece)
+
+
+def _was_closed(sock: Any) -> bool:
+    """True when an idle keep-alive socket is readable: the server closed it (or
+    sent junk), and it must not carry the next request."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no poll(): assume usable
+        return False
+
+
+# ============================================================================ #
+# Endpoint groups
+# ============================================================================ #
+
+
+class _Group:
+    __slots__ = ("_client",)
+
+    def __init__(self, client: PrefactorHttpClient) -> None:
+        self._client = client
+
+
+class _AgentInstances(_Group):
+    """``client.agent_instances``: register, start, finish, get, record_quality."""
+
+    __slots__ = ()
+
+    def _post(self, path: str, body: dict[str, Any], operation: str) -> AgentInstance:
+        data = self._client._call("POST", path, body=body, operation=operation)
+        return _details(AgentInstance, data, operation)  # type: ignore[no-any-return]
+
+    def register(
+        self,
+        agent_version: Mapping[str, Any] | AgentVersionForRegister,
+        agent_schema_version: Mapping[str, Any] | AgentSchemaVersionForRegister | None = None,
+        agent_id: str | None = None,
+        environment_id: str | None = None,
+        id: str | None = None,
+        idempotency_key: str | None = None,
+        update_current_version: bool = True,
+        purpose: InstancePurpose | None = None,
+        external_identifier: str | None = None,
+    ) -> AgentInstance:
+        """Register a new instance (status ``pending``). POST /agent_instance/register"""
+        if agent_version is None:
+            raise ValueError("agent_version is required")
+        body = _drop_none(
+            agent_version=_check_mapping(agent_version, "agent_version"),
+            agent_schema_version=_check_mapping(agent_schema_version, "agent_schema_version"),
+            update_current_version=bool(update_current_version),
+            agent_id=agent_id,
+            environment_id=environment_id,
+            id=id,
+            purpose=_check_choice(purpose, _PURPOSES, "purpose"),
+            external_identifier=external_identifier,
+            idempotency_key=self._client._key(idempotency_key),
+        )
+        return self._post("/api/v1/agent_instance/register", body, "agent_instances.register")
+
+    def start(
+        self,
+        agent_instance_id: str,
+        timestamp: datetime | None = None,
+        idempotency_key: str | None = None,
+    ) -> AgentInstance:
+        """Mark an instance as running (status ``active``)."""
+        path = f"/api/v1/agent_instance/{_check_id(agent_instance_id, 'agent_instance_id')}/start"
+        body = {
+            "timestamp": _timestamp(timestamp, "timestamp"),
+            "idempotency_key": self._client._key(idempotency_key),
+        }
+        return self._post(path, body, "agent_instances.start")
+
+    def finish(
+        self,
+        agent_instance_id: str,
+        status: FinishStatus | None = None,
+        timestamp: datetime | None = None,
+        idempotency_key: str | None = None,
+    ) -> AgentInstance:
+        """Mark an instance as finished. A 409 (already finished or terminated)
+        is raised as PrefactorConflictError: whether that is fine is yours to say."""
+        path = f"/api/v1/agent_instance/{_check_id(agent_instance_id, 'agent_instance_id')}/finish"
+        body = _drop_none(
+            status=_check_choice(status, _FINISH_STATUSES, "status"),
+            timestamp=_timestamp(timestamp, "timestamp"),
+            idempotency_key=self._client._key(idempotency_key),
+        )
+        return self._post(path, body, "agent_instances.finish")
+
+    def get(self, agent_instance_id: str) -> AgentInstance:
+        """Fetch one instance (status, termination_reason, span counts)."""
+        path = f"/api/v1/agent_instance/{_check_id(agent_instance_id, 'agent_instance_id')}"
+        data = self._client._call("GET", path, operation="agent_instances.get")
+        return _details(AgentInstance, data, "agent_instances.get")  # type: ignore[no-any-return]
+
+    def record_quality(
+        self,
+        agent_instance_id: str,
+        name: str,
+        payload: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> AgentInstance:
+        """Set (or with ``payload=None`` clear) one named quality payload."""
+        path = f"/api/v1/agent_instance/{_check_id(agent_instance_id, 'agent_instance_id')}/record_quality"
+        if not isinstance(name, str) or not name:
+            raise ValueError("name must be a non-empty string")
+        body = {
+            "name": name,
+            "payload": _check_mapping(payload, "payload"),
+            "idempotency_key": self._client._key(idempotency_key),
+        }
+        return self._post(path, body, "agent_instances.record_quality")
+
+
+class _AgentSpans(_Group):
+    """``client.agent_spans``: create, finish."""
+
+    __slots__ = ()
+
+    def _post(
+        self, path: str, body: dict[str, Any], operation: str, callback: Callable[[str | None], None] | None
+    ) -> AgentSpan:
+        data = self._client._call("POST", path, body=body, operation=operation)
+        control = data.get("control")
+        if callback is not None and isinstance(control, dict) and control.get("terminate"):
+            callback(control.get("reason"))  # before details: the signal must not be lost
+        return _details(AgentSpan, data, operation)  # type: ignore[no-any-return]
+
+    def create(
+        self,
+        agent_instance_id: str,
+        schema_name: str,
+        status: AgentStatus,
+        payload: Mapping[str, Any] | None = None,
+        result_payload: Mapping[str, Any] | None = None,
+        id: str | None = None,
+        parent_span_id: str | None = None,
+        started_at: datetime | None = None,
+        finished_at: datetime | None = None,
+        idempotency_key: str | None = None,
+        *,
+        control_signal_callback: Callable[[str | None], None] | None = None,
+    ) -> AgentSpan:
+        """Record a span. ``control_signal_callback(reason)`` runs when the server
+        says the instance was terminated."""
+        _check_id(agent_instance_id, "agent_instance_id")
+        if not isinstance(schema_name, str) or not schema_name:
+            raise ValueError("schema_name must be a non-empty string")
+        if status not in _AGENT_STATUSES:
+            raise ValueError(f"status must be one of {', '.join(_AGENT_STATUSES)}; got {status!r}")
+        key = self._client._key(idempotency_key)
+        details = _drop_none(
+            agent_instance_id=agent_instance_id,
+            schema_name=schema_name,
+            status=status,
+            payload=_check_mapping(payload, "payload") or {},
+            result_payload=_check_mapping(result_payload, "result_payload"),
+            id=id,
+            parent_span_id=parent_span_id,
+            started_at=_timestamp(started_at, "started_at"),
+            finished_at=_timestamp(finished_at, "finished_at"),
+            idempotency_key=key,
+        )
+        # The key goes both inside details (Python SDK) and at the top (TS SDK).
+        body = {"details": details, "idempotency_key": key}
+        return self._post("/api/v1/agent_spans", body, "agent_spans.create", control_signal_callback)
+
+    def finish(
+        self,
+        agent_span_id: str,
+        status: FinishStatus | None = None,
+        result_payload: Mapping[str, Any] | None = None,
+        timestamp: datetime | None = None,
+        idempotency_key: str | None = None,
+        *,
+        control_signal_callback: Callable[[str | None], None] | None = None,
+    ) -> AgentSpan:
+        """Finish a span. A 409 (already finished) is PrefactorConflictError."""
+        path = f"/api/v1/agent_spans/{_check_id(agent_span_id, 'agent_span_id')}/finish"
+        body = _drop_none(
+            status=_check_choice(status, _FINISH_STATUSES, "status"),
+            result_payload=_check_mapping(result_payload, "result_payload"),
+            timestamp=_timestamp(timestamp, "timestamp"),
+            idempotency_key=self._client._key(idempotency_key),
+        )
+        return self._post(path, body, "agent_spans.finish", control_signal_callback)
+
+
+class _Agents(_Group):
+    """``client.agents``: create, get, update, show, list, retire, reinstate, delete."""
+
+    __slots__ = ()
+
+    def _one(
+        self,
+        method: str,
+        path: str,
+        operation: str,
+        body: dict[str, Any] | None = None,
+        query: dict[str, Any] | None = None,
+    ) -> Agent:
+        data = self._client._call(method, path, body=body, query=query, operation=operation)
+        return _details(Agent, data, operation)  # type: ignore[no-any-return]
+
+    def _path(self, agent_id: str, action: str = "") -> str:
+        return f"/api/v1/agent/{_check_id(agent_id, 'agent_id')}{action}"
+
+    def create(self, details: Mapping[str, Any], idempotency_key: str | None = None) -> Agent:
+        """Create an agent; ``details`` needs ``name``."""
+        fields = _details_arg(details)
+        if not fields.get("name"):
+            raise ValueError("details['name'] is required")
+        body = {"details": fields, "idempotency_key": self._client._key(idempotency_key)}
+        return self._one("POST", "/api/v1/agent", "agents.create", body)
+
+    def get(self, agent_id: str) -> Agent:
+        return self._one("GET", self._path(agent_id), "agents.get")
+
+    def update(self, agent_id: str, details: Mapping[str, Any], idempotency_key: str | None = None) -> Agent:
+        """Change name, description, owner, risk profile or team (PUT)."""
+        path = self._path(agent_id)
+        body = _drop_none(
+            details=_details_arg(details), idempotency_key=idempotency_key and _check_key(idempotency_key)
+        )
+        return self._one("PUT", path, "agents.update", body)
+
+    def show(
+        self,
+        *,
+        agent_id: str | None = None,
+        external_identifier: str | None = None,
+        environment_id: str | None = None,
+        include_counts: bool = False,
+        include_risk_rollup: bool = False,
+    ) -> Agent:
+        """Look an agent up by exactly one of ``agent_id`` / ``external_identifier``."""
+        if (agent_id is None) == (external_identifier is None):
+            raise ValueError("give exactly one of agent_id and external_identifier")
+        query = _drop_none(
+            agent_id=agent_id,
+            external_identifier=external_identifier,
+            environment_id=environment_id,
+            include_counts=include_counts or None,
+            include_risk_rollup=include_risk_rollup or None,
+        )
+        return self._one("GET", "/api/v1/agent/show", "agents.show", query=query)
+
+    def _action(self, agent_id: str, action: str, method: str, key: str | None) -> Agent:
+        path = self._path(agent_id, action)
+        if method == "POST":  # every POST carries a key, generated if not given
+            key = self._client._key(key)
+        body = {"idempotency_key": _check_key(key)} if key is not None else None
+        return self._one(method, path, "agents." + (action.strip("/") or "delete"), body)
+
+    def retire(self, agent_id: str, idempotency_key: str | None = None) -> Agent:
+        return self._action(agent_id, "/retire", "POST", idempotency_key)
+
+    def reinstate(self, agent_id: str, idempotency_key: str | None = None) -> Agent:
+        return self._action(agent_id, "/reinstate", "POST", idempotency_key)
+
+    def delete(self, agent_id: str, idempotency_key: str | None = None) -> Agent:
+        return self._action(agent_id, "", "DELETE", idempotency_key)
+
+    def _page(self, filters: dict[str, Any], offset: int | None, page_size: int | None) -> ListResponse:
+        if page_size is not None and not (isinstance(page_size, int) and 1 <= page_size <= 100):
+            raise ValueError(f"page_size must be an integer from 1 to 100, got {page_size!r}")
+        if offset is not None and not (isinstance(offset, int) and offset >= 0):
+            raise ValueError(f"offset must be a non-negative integer, got {offset!r}")
+        query = _drop_none(**filters)
+        query.update(_drop_none(**{"pagination[offset]": offset, "pagination[page_size]": page_size}))
+        data = self._client._call("GET", "/api/v1/agent", query=query, operation="agents.list_agents")
+        page: ListResponse = _build(ListResponse, data, "agents.list_agents response")
+        if not isinstance(page.summaries, list):
+            raise PrefactorResponseContractError("agents.list_agents: 'summaries' is not a list")
+        page.summaries = [_build(AgentSummary, row, f"summaries[{i}]") for i, row in enumerate(page.summaries)]
+        return page
+
+    def list_agents(
+        self,
+        risk_profile_id: str | None = None,
+        team_id: str | None = None,
+        owner_person_id: str | None = None,
+        sorting: str | None = None,
+        offset: int | None = None,
+        page_size: int | None = None,
+    ) -> list[AgentSummary]:
+        """One page of agents."""
+        filters = {
+            "risk_profile_id": risk_profile_id,
+            "team_id": team_id,
+            "owner_person_id": owner_person_id,
+            "sorting": sorting,
+        }
+        return self._page(filters, offset, page_size).summaries
+
+    def iter_agents(
+        self,
+        risk_profile_id: str | None = None,
+        team_id: str | None = None,
+        owner_person_id: str | None = None,
+        sorting: str | None = None,
+        page_size: int | None = None,
+    ) -> Iterator[AgentSummary]:
+        """Every agent, page by page; a page is fetched when the last is used up."""
+        filters = {
+            "risk_profile_id": risk_profile_id,
+            "team_id": team_id,
+            "owner_person_id": owner_person_id,
+            "sorting": sorting,
+        }
+        offset: int | None = None
+        while True:
+            page = self._page(filters, offset, page_size)
+            yield from page.summaries
+            following = page.pagination.next_page_offset if page.pagination else None
+            if following is None or not page.summaries:
+                return
+            if not isinstance(following, int) or following <= (offset or 0):
+                raise PrefactorResponseContractError(
+                    f"agents.list_agents: next_page_offset {following!r} does not move forward"
+                )
+            offset = following
+
+
+class _Bulk(_Group):
+    """``client.bulk``: many writes in one request."""
+
+    __slots__ = ()
+
+    def execute(self, request: BulkRequest | Sequence[BulkItem | Mapping[str, Any]]) -> BulkResponse:
+        """Send the items in order; the server stops at the first that fails.
+        Items with no entry in ``outputs`` were not processed."""
+        if not isinstance(request, BulkRequest):
+            request = BulkRequest(request)
+        data = self._client._call("POST", "/api/v1/bulk", body=request.to_dict(), operation="bulk.execute")
+        response: BulkResponse = _build(BulkResponse, data, "bulk.execute response")
+        if not isinstance(response.outputs, dict):
+            raise PrefactorResponseContractError("bulk.execute: 'outputs' is not an object")
+        response.outputs = {k: _build(BulkOutput, v, f"outputs[{k!r}]") for k, v in response.outputs.items()}
+        return response
+
+
+def _details(cls: Any, data: dict[str, Any], operation: str) -> Any:
+    if "details" not in data:
+        raise PrefactorResponseContractError(f"{operation}: response has no 'details'")
+    return _build(cls, data["details"], f"{operation} details")
+
+
+def _details_arg(details: Any) -> dict[str, Any]:
+    if isinstance(details, _RequestModel):
+        return details.to_dict()
+    if not hasattr(details, "keys"):
+        raise TypeError(f"details must be a dict, got {type(details).__name__}")
+    return {k: v for k, v in dict(details).items() if v is not None}
+
+
+# ============================================================================ #
+# Client
+# ============================================================================ #
+
+
+def _logger() -> logging.Logger | None:
+    """The library logger, only once the application has imported logging:
+    an application that never did cannot have enabled it."""
+    if "logging" not in sys.modules:
+        return None
+    return sys.modules["logging"].getLogger("prefactor_http")  # type: ignore[no-any-return]
+
+
+class PrefactorHttpClient:
+    """The synchronous client: ``with PrefactorHttpClient(config) as client: ...``.
+
+    One client can be shared by many threads; each thread gets its own
+    keep-alive connection.
+    """
+
+    def __init__(self, config: HttpClientConfig, *, sdk_header: str | None = None) -> None:
+        if not isinstance(config, HttpClientConfig):
+            raise TypeError("config must be an HttpClientConfig")
+        self.config = config
+        entry = f"prefactor-http@{__version__}"
+        if sdk_header is not None and sdk_header.strip():
+            _check_header_value("sdk_header", sdk_header)
+            entry = f"{sdk_header.strip()} {entry}"
+        self._transport = _Transport(config)
+        self._headers = [
+            ("Authorization", "Bearer " + config.api_token),
+            ("Accept", "application/json"),
+            ("User-Agent", f"prefactor-http/{__version__} python/{_PYTHON}"),
+            ("X-Prefactor-SDK", entry),
+        ]
+        self._key_prefix = config.default_idempotency_key or ""
+        self._retry_codes = frozenset(config.retry_on_status_codes)
+        self._closed = False
+        self._sleep: Callable[[float], None] = time.sleep  # injectable for tests
+        self._random: Callable[[], float] = _random
+        self.agent_instances = _AgentInstances(self)
+        self.agent_spans = _AgentSpans(self)
+        self.agents = _Agents(self)
+        self.bulk = _Bulk(self)
+
+    def __enter__(self) -> PrefactorHttpClient:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"PrefactorHttpClient(api_url={self.config.api_url!r})"
+
+    def close(self) -> None:
+        """Close every pooled connection; later calls raise PrefactorClientError."""
+        self._closed = True
+        self._transport.close()
+
+    def validate_token(self) -> dict[str, Any]:
+        """GET /api/v1/ping: the response body; PrefactorAuthError if refused."""
+        return self._call("GET", "/api/v1/ping", operation="validate_token")
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json_data: Any = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Call any endpoint with the client's retries and errors: the escape hatch.
+        The body is sent as given; ``idempotency_key`` goes in an
+        ``Idempotency-Key`` header, as upstream."""
+        method = method.upper()
+        if method not in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+            raise ValueError(f"unsupported method {method!r}")
+        if not isinstance(path, str) or not path.startswith("/") or any(c in path for c in " \r\n#"):
+            raise ValueError(f"path must start with '/' and hold no spaces or '#', got {path!r}")
+        extra = [("Idempotency-Key", _check_key(idempotency_key))] if idempotency_key else None
+        return self._call(method, path, body=json_data, query=params, operation=f"{method} {path}", extra_headers=extra)
+
+    def _key(self, key: str | None) -> str:
+        """The caller's key, checked, or a new one made once per call."""
+        if key is None:
+            return self._key_prefix + _uuid4()
+        return _check_key(key)
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        operation: str,
+        body: Any = None,
+        query: Mapping[str, Any] | None = None,
+        extra_headers: list[tuple[str, str]] | None = None,
+    ) -> dict[str, Any]:
+        """Send with retries: one flat loop of send, decide, log, sleep."""
+        if self._closed:
+            raise PrefactorClientError("the client is closed")
+        if query:
+            path += "?" + urlencode({k: _query_value(v) for k, v in query.items()})
+        headers = self._headers
+        payload = None
+        if body is not None:
+            payload = _encode_body(body, operation) if isinstance(body, dict) else _encode(body).encode()
+            headers = [*headers, ("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]
+        if extra_headers:
+            headers = headers + extra_headers
+        config = self.config
+        start = _monotonic()
+        total_deadline = start + config.total_timeout if config.total_timeout else float("inf")
+        attempt = 0
+        while True:
+            began = _monotonic()
+            deadline = min(began + config.request_timeout, total_deadline)
+            timeout_text = (
+                f"no answer within total_timeout={config.total_timeout}s"
+                if deadline == total_deadline
+                else f"no answer within request_timeout={config.request_timeout}s"
+            )
+            try:
+                status, response, data = self._transport.round_trip(
+                    method, path, headers, payload, deadline, timeout_text
+                )
+                result = self._interpret(status, response, data, method, path)
+            except PrefactorHttpError as error:
+                self._log(method, path, attempt, began, error)
+                delay = self._retry_delay(error, attempt, total_deadline)
+                if delay is None:
+                    raise
+                if attempt >= config.max_retries:
+                    if config.max_retries == 0:
+                        raise
+                    raise PrefactorRetryExhaustedError(
+                        f"{operation} failed after {attempt + 1} attempts: {error}", error
+                    ) from error
+                self._sleep(delay)
+                attempt += 1
+                continue
+            self._log(method, path, attempt, began, status)
+            return result
+
+    def _retry_delay(self, error: PrefactorHttpError, attempt: int, total_deadline: float) -> float | None:
+        """Seconds to wait before the next attempt, or None: raise ``error`` now."""
+        if isinstance(error, PrefactorConnectionError):
+            if not error.transient:
+                return None
+        elif (
+            not isinstance(error, (PrefactorApiError, PrefactorResponseContractError))
+            or error.status_code not in self._retry_codes
+        ):
+            return None
+        if attempt >= self.config.max_retries:
+            return 0.0  # retryable, but the attempts are spent: the caller decides
+        delay = _backoff(self.config, attempt, self._random)
+        retry_after = getattr(error, "retry_after", None)
+        if retry_after is not None:
+            if retry_after > self.config.max_retry_delay:
+                return None  # the server asks for more patience than we were given
+            delay = retry_after
+        if _monotonic() + delay >= total_deadline:
+            return None
+        return delay
+
+    def _interpret(
+        self, status: int, response: http.client.HTTPResponse, data: bytes, method: str, path: str
+    ) -> dict[str, Any]:
+        if 200 <= status < 300:
+            try:
+                result = json.loads(data)
+            except ValueError as exc:
+                snippet = _snippet(self._transport.redact(data.decode("utf-8", "replace")))
+                raise PrefactorResponseContractError(
+                    f"{method} {path}: expected JSON, got {response.getheader('Content-Type') or 'no type'}: {snippet}",
+                    status_code=status,
+                    body_snippet=snippet,
+                    cause=exc,
+                ) from None
+            if not isinstance(result, dict):
+                raise PrefactorResponseContractError(
+                    f"{method} {path}: expected a JSON object, got {type(result).__name__}",
+                    status_code=status,
+                    body_snippet=_snippet(self._transport.redact(data.decode("utf-8", "replace"))),
+                )
+            return result
+        text = self._transport.redact(data.decode("utf-8", "replace"))
+        retry_after = _parse_retry_after(response.getheader("Retry-After"))
+        try:
+            envelope = json.loads(text) if text else None
+        except ValueError:
+            envelope = None
+        if isinstance(envelope, dict):
+            code = envelope.get("code")
+            message = envelope.get("message") or envelope.get("error")
+            errors, snippet = envelope.get("errors"), None  # type: ignore[assignment]
+        else:
+            code, message, errors, snippet = None, None, None, _snippet(text)
+            if 300 <= status < 400:
+                message = f"{method} {path}: redirect to {_snippet(response.getheader('Location') or '?')} not followed"
+        if not message:
+            kind = response.getheader("Content-Type") or "no content type"
+            message = f"{method} {path}: HTTP {status} ({kind})" + (f": {snippet}" if snippet else "")
+        cls = _STATUS_ERRORS.get(status, PrefactorApiError)
+        raise cls(
+            str(message), str(code or "unknown"), status, errors=errors, retry_after=retry_after, body_snippet=snippet
+        )
+
+    def _log(self, method: str, path: str, attempt: int, began: float, outcome: Any) -> None:
+        log = _logger()
+        if log is not None and log.isEnabledFor(10):  # logging.DEBUG
+            elapsed = (_monotonic() - began) * 1000
+            if isinstance(outcome, BaseException):
+                outcome = f"{type(outcome).__name__}: {self._transport.redact(str(outcome))}"
+            log.debug("%s %s -> %s in %.1f ms (attempt %d)", method, path.split("?")[0], outcome, elapsed, attempt + 1)
+
+
+def _query_value(value: Any) -> str:
+    if value is True or value is False:
+        return "true" if value else "false"
+    return str(value)
+
+
+def _snippet(text: str) -> str:
+    collapsed = " ".join(text.split())
+    return collapsed if len(collapsed) <= _SNIPPET_LENGTH else collapsed[:_SNIPPET_LENGTH] + "..."
+
+
+# ============================================================================ #
+# Async facade
+# ============================================================================ #
+
+
+class _AsyncGroup:
+    """Each method of a sync group, run in a worker thread and awaited."""
+
+    def __init__(self, group: Any) -> None:
+        self._group = group
+
+    def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
+        method = getattr(self._group, name)
+        if name.startswith("_") or not callable(method):
+            raise AttributeError(name)
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            import asyncio
+
+            return await asyncio.get_running_loop().run_in_executor(None, lambda: method(*args, **kwargs))
+
+        call.__name__ = call.__qualname__ = name
+        call.__doc__ = method.__doc__
+        return call
+
+
+class _AsyncAgents(_AsyncGroup):
+    async def iter_agents(self, **filters: Any) -> Any:
+        """Every agent, a page fetched (in a thread) when the last is used up."""
+        import asyncio
+
+        pages = self._group.iter_agents(**filters)
+        loop = asyncio.get_running_loop()
+        done = object()
+        while True:
+            row = await loop.run_in_executor(None, next, pages, done)
+            if row is done:
+                return
+            yield row
+
+
+class AsyncPrefactorHttpClient:
+    """The same groups and methods, awaitable: ``async with`` and ``await``.
+    Calls run the synchronous client in worker threads."""
+
+    def __init__(self, config: HttpClientConfig, *, sdk_header: str | None = None) -> None:
+        self._sync = PrefactorHttpClient(config, sdk_header=sdk_header)
+        self.config = config
+        self.agent_instances: Any = _AsyncGroup(self._sync.agent_instances)
+        self.agent_spans: Any = _AsyncGroup(self._sync.agent_spans)
+        self.agents: Any = _AsyncAgents(self._sync.agents)
+        self.bulk: Any = _AsyncGroup(self._sync.bulk)
+
+    async def __aenter__(self) -> AsyncPrefactorHttpClient:
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"AsyncPrefactorHttpClient(api_url={self.config.api_url!r})"
+
+    async def close(self) -> None:
+        self._sync.close()
+
+    async def validate_token(self) -> dict[str, Any]:
+        return await _AsyncGroup(self._sync).validate_token()  # type: ignore[no-any-return]
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        return await _AsyncGroup(self._sync).request(method, path, **kwargs)  # type: ignore[no-any-return]
+
+
+# ============================================================================ #
+# LocalApiServer: a stand-in for the API on loopback
+# ============================================================================ #
+
+_CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
+
+
+def _pfid() -> str:
+    """A PFID-shaped id: 48-bit milliseconds, then 112 random bits, in base32."""
+    value = int(time.time() * 1000) << 112 | int.from_bytes(os.urandom(14), "big")
+    return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(155, -1, -5))
+
+
+def _now_text() -> str:
+    return datetime.now(_UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+
+
+class _Reject(Exception):
+    """An error answer of the stand-in: status, code, message, field errors."""
+
+    def __init__(self, status: int, code: str, message: str, errors: Any = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.errors = status, code, message, errors
+
+    def envelope(self) -> dict[str, Any]:
+        return _drop_none(status="error", code=self.code, message=self.message, errors=self.errors)
+
+
+_TERMINAL = ("complete", "failed", "cancelled", "terminated")
+
+
+class LocalApiServer:
+    """An in-process stand-in for the Prefactor API on 127.0.0.1 (a free port).
+
+    ``with LocalApiServer() as api: client = PrefactorHttpClient(api.config())``.
+    It keeps what it stores in ``instances``, ``spans`` and ``agents`` (dicts by
+    id, in the API's shape) and every request in ``requests``; it checks the
+    bearer token, replays the first answer for a repeated idempotency key, runs
+    bulk items in order and stops at the first error, and enforces the instance
+    and span lifecycles. Faults: ``fail_next`` (an error status), ``drop_next``
+    (close the connection before or after processing, or right after answering).
+    """
+
+    def __init__(self, token: str = "local-token", *, port: int = 0) -> None:
+        self.token = token
+        self.instances: dict[str, dict[str, Any]] = {}
+        self.spans: dict[str, dict[str, Any]] = {}
+        self.agents: dict[str, dict[str, Any]] = {}
+        self.requests: list[dict[str, Any]] = []
+        self._replies: dict[tuple[str, ...], tuple[int, dict[str, Any]]] = {}
+        self._faults: list[dict[str, Any]] = []
+        self._lock = threading.RLock()
+        self._port = port
+        self._server: Any = None
+        self._ids = {"account_id": _pfid(), "environment_id": _pfid(), "agent_deployment_id": _pfid()}
+
+    # -- lifecycle -------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        if self._server is None:
+            raise PrefactorClientError("LocalApiServer is not started")
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def start(self) -> LocalApiServer:
+        """Listen and serve in a daemon thread (imports http.server only now)."""
+        import http.server
+
+        api = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body leave without delay
+            timeout = 60  # an idle keep-alive connection is let go after this
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def serve(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                status, payload, headers, after = api._dispatch(self.command, self.path, self.headers, raw)
+                if status:
+                    data = json.dumps(payload).encode()
+                    self.send_response(status)
+                    for name, value in {
+                        **headers,
+                        "Content-Type": "application/json",
+                        "Content-Length": str(len(data)),
+                    }.items():
+                        self.send_header(name, value)
+                    self.end_headers()
+                    self.wfile.write(data)
+                self.close_connection = self.close_connection or after is not None
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = serve
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", self._port), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, args=(0.05,), name="LocalApiServer", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> LocalApiServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    def config(self, **overrides: Any) -> HttpClientConfig:
+        """A config for this server; retry delays are short unless overridden."""
+        values: dict[str, Any] = {
+            "api_url": self.url,
+            "api_token": self.token,
+            "trust_env": False,
+            "initial_retry_delay": 0.01,
+            "max_retry_delay": 0.5,
+        }
+        values.update(overrides)
+        return HttpClientConfig(**values)
+
+    # -- faults ----------------------------------------------------------------
+    def fail_next(
+        self, status: int, times: int = 1, retry_after: float | str | None = None, path: str | None = None
+    ) -> None:
+        """Answer the next ``times`` requests (on ``path``, or any) with ``status``."""
+        with self._lock:
+            self._faults.append(
+                {"kind": "status", "status": status, "times": times, "retry_after": retry_after, "path": path}
+            )
+
+    def drop_next(self, times: int = 1, *, when: str = "before", path: str | None = None) -> None:
+        """Close the connection of the next ``times`` requests without answering:
+        ``before`` processing, ``after`` processing (the record is kept), or
+        ``idle``: answer, then close the kept-alive connection."""
+        if when not in ("before", "after", "idle"):
+            raise ValueError("when must be 'before', 'after' or 'idle'")
+        with self._lock:
+            self._faults.append({"kind": when, "times": times, "path": path})
+
+    def terminate(self, instance_id: str, reason: str) -> None:
+        """Terminate an instance: later span responses carry ``control``."""
+        with self._lock:
+            instance = self.instances[instance_id]
+            instance.update(status="terminated", termination_reason=reason, updated_at=_now_text())
+
+    # -- dispatch ----------------------------------------------------------------
+    def _take_fault(self, path: str) -> dict[str, Any] | None:
+        for fault in self._faults:
+            if fault["path"] in (None, path):
+                fault["times"] -= 1
+                if fault["times"] <= 0:
+                    self._faults.remove(fault)
+                return fault
+        return None
+
+    def _dispatch(
+        self, method: str, target: str, headers: Any, raw: bytes
+    ) -> tuple[int, dict[str, Any], dict[str, str], str | None]:
+        from urllib.parse import parse_qsl, unquote
+
+        parts = urlsplit(target)
+        query = dict(parse_qsl(parts.query))
+        with self._lock:
+            try:
+                body = json.loads(raw) if raw else None
+            except ValueError:
+                body = _Reject(400, "invalid_json", "the request body is not JSON")
+            self.requests.append(
+                {"method": method, "path": parts.path, "query": query, "headers": dict(headers.items()), "body": body}
+            )
+            fault = self._take_fault(parts.path)
+            kind = fault and fault["kind"]
+            if kind == "before":
+                return 0, {}, {}, "close"
+            if kind == "status":
+                extra = {} if fault["retry_after"] is None else {"Retry-After": str(fault["retry_after"])}  # type: ignore[index]
+                message = f"injected fault: HTTP {fault['status']}"  # type: ignore[index]
+                return fault["status"], _Reject(0, "injected", message).envelope(), extra, None  # type: ignore[index]
+            if headers.get("Authorization") != "Bearer " + self.token:
+                return 401, _Reject(0, "unauthorized", "missing or invalid API token").envelope(), {}, None
+            status, payload = self._answer(method, unquote(parts.path), query, body)
+            return status, payload, {}, ("close" if kind in ("after", "idle") else None)
+
+    def _answer(self, method: str, path: str, query: dict[str, str], body: Any) -> tuple[int, dict[str, Any]]:
+        """Route one request; replay a repeated idempotency key's first answer."""
+        key = body.get("idempotency_key") if isinstance(body, dict) else None
+        if key is None and isinstance(body, dict) and isinstance(body.get("details"), dict):
+            key = body["details"].get("idempotency_key")
+        if key is not None and (method, path, key) in self._replies:
+            return self._replies[method, path, key]
+        try:
+            if isinstance(body, _Reject):
+                raise body
+            for verb, pattern, handler in _ROUTES:
+                match = pattern.fullmatch(path)
+                if verb == method and match:
+                    answer = 200, handler(self, body if isinstance(body, dict) else {}, query, *match.groups())
+                    break
+            else:
+                raise _Reject(404, "not_found", f"no route for {method} {path}")
+        except _Reject as reject:
+            answer = reject.status, reject.envelope()
+        if key is not None:
+            self._replies[method, path, key] = answer
+        return answer
+
+    # -- endpoints -----------------------------------------------------------------
+    def _instance(self, instance_id: str) -> dict[str, Any]:
+        if instance_id not in self.instances:
+            raise _Reject(404, "not_found", f"agent instance {instance_id} not found")
+        instance = self.instances[instance_id]
+        counts = {"total": 0, "active": 0, "complete": 0, "failed": 0, "cancelled": 0, "finished": 0}
+        for span in self.spans.values():
+            if span["agent_instance_id"] == instance_id:
+                counts["total"] += 1
+                counts[span["status"]] = counts.get(span["status"], 0) + 1
+        counts["finished"] = counts["complete"] + counts["failed"] + counts["cancelled"]
+        instance["span_counts"] = counts
+        return instance
+
+    def _register(self, body: dict[str, Any], query: Any) -> dict[str, Any]:
+        version = body.get("agent_version")
+        if not isinstance(version, dict):
+            raise _Reject(422, "validation_error", "agent_version is required", {"agent_version": ["is required"]})
+        now = _now_text()
+        instance = {
+            "type": "agent_instance",
+            "id": body.get("id") or _pfid(),
+            **self._ids,
+            "agent_id": body.get("agent_id") or _pfid(),
+            "agent_version_id": _pfid(),
+            "status": "pending",
+            "inserted_at": now,
+            "updated_at": now,
+            "started_at": None,
+            "finished_at": None,
+            "termination_reason": None,
+            "purpose": body.get("purpose", "live"),
+            "external_identifier": body.get("external_identifier"),
+            "quality_payloads": {},
+            "quality_summaries": {},
+        }
+        self.instances[instance["id"]] = instance
+        return {"status": "success", "details": self._instance(instance["id"])}
+
+    def _start(self, body: dict[str, Any], query: Any, instance_id: str) -> dict[str, Any]:
+        instance = self._instance(instance_id)
+        if instance["status"] != "pending":
+            raise _Reject(409, "invalid_action", f"cannot start an instance that is {instance['status']}")
+        instance.update(status="active", started_at=body.get("timestamp") or _now_text(), updated_at=_now_text())
+        return {"status": "success", "details": instance}
+
+    def _finish_instance(self, body: dict[str, Any], query: Any, instance_id: str) -> dict[str, Any]:
+        instance = self._instance(instance_id)
+        if instance["status"] in _TERMINAL:
+            raise _Reject(409, "invalid_action", f"agent instance is already {instance['status']}")
+        if instance["status"] != "active":
+            raise _Reject(
+                422, "validation_error", "agent instance must be active to finish", {"status": ["must be active"]}
+            )
+        status = body.get("status") or "complete"
+        if status not in _FINISH_STATUSES:
+            raise _Reject(422, "validation_error", f"invalid status {status!r}", {"status": ["is invalid"]})
+        instance.update(status=status, finished_at=body.get("timestamp") or _now_text(), updated_at=_now_text())
+        return {"status": "success", "details": instance}
+
+    def _get_instance(self, body: Any, query: Any, instance_id: str) -> dict[str, Any]:
+        return {"status": "success", "details": self._instance(instance_id)}
+
+    def _record_quality(self, body: dict[str, Any], query: Any, instance_id: str) -> dict[str, Any]:
+        instance = self._instance(instance_id)
+        name = body.get("name")
+        if not isinstance(name, str) or not name:
+            raise _Reject(422, "validation_error", "name is required", {"name": ["is required"]})
+        if body.get("payload") is None:
+            instance["quality_payloads"].pop(name, None)
+        else:
+            instance["quality_payloads"][name] = body["payload"]
+        return {"status": "success", "details": instance}
+
+    def _control(self, instance_id: str, answer: dict[str, Any]) -> dict[str, Any]:
+        instance = self.instances.get(instance_id) or {}
+        if instance.get("status") == "terminated":
+            answer["control"] = {"terminate": True, "reason": instance.get("termination_reason")}
+        return answer
+
+    def _create_span(self, body: dict[str, Any], query: Any) -> dict[str, Any]:
+        details = body.get("details")
+        if not isinstance(details, dict):
+            raise _Reject(422, "validation_error", "details is required", {"details": ["is required"]})
+        problems = {
+            name: ["is required"] for name in ("agent_instance_id", "schema_name", "status") if not details.get(name)
+        }
+        if details.get("status") and details["status"] not in _AGENT_STATUSES:
+            problems["status"] = ["is invalid"]
+        if problems:
+            raise _Reject(422, "validation_error", "invalid span", problems)
+        instance = self._instance(details["agent_instance_id"])
+        now = _now_text()
+        span = {
+            "type": "agent_span",
+            "id": details.get("id") or _pfid(),
+            "account_id": instance["account_id"],
+            "agent_id": instance["agent_id"],
+            "agent_instance_id": instance["id"],
+            "parent_span_id": details.get("parent_span_id"),
+            "schema_name": details["schema_name"],
+            "schema_title": None,
+            "status": details["status"],
+            "payload": details.get("payload") or {},
+            "result_payload": details.get("result_payload"),
+            "summary": None,
+            "started_at": details.get("started_at") or now,
+            "finished_at": details.get("finished_at"),
+            "inserted_at": now,
+            "updated_at": now,
+        }
+        self.spans[span["id"]] = span
+        return self._control(instance["id"], {"status": "success", "details": span})
+
+    def _finish_span(self, body: dict[str, Any], query: Any, span_id: str) -> dict[str, Any]:
+        span = self.spans.get(span_id)
+        if span is None:
+            raise _Reject(404, "not_found", f"agent span {span_id} not found")
+        if span["status"] in _TERMINAL:
+            raise _Reject(409, "invalid_action", f"agent span is already {span['status']}")
+        status = body.get("status") or "complete"
+        if status not in _FINISH_STATUSES or (span["status"] == "pending" and status != "cancelled"):
+            raise _Reject(
+                422,
+                "validation_error",
+                f"cannot finish a {span['status']} span as {status}",
+                {"status": ["is invalid"]},
+            )
+        span.update(status=status, finished_at=body.get("timestamp") or _now_text(), updated_at=_now_text())
+        if body.get("result_payload") is not None:
+            span["result_payload"] = body["result_payload"]
+        return self._control(span["agent_instance_id"], {"status": "success", "details": span})
+
+    def _ping(self, body: Any, query: Any) -> dict[str, Any]:
+        return {"status": "success"}
+
+    def _agent(self, agent_id: str) -> dict[str, Any]:
+        if agent_id not in self.agents:
+            raise _Reject(404, "not_found", f"agent {agent_id} not found")
+        return self.agents[agent_id]
+
+    def _create_agent(self, body: dict[str, Any], query: Any) -> dict[str, Any]:
+        details = body.get("details")
+        if not isinstance(details, dict) or not details.get("name"):
+            raise _Reject(422, "validation_error", "details.name is required", {"name": ["is required"]})
+        now = _now_text()
+        agent = {
+            "type": "agent",
+            "description": None,
+            "external_identifier": None,
+            "owner_person_id": None,
+            "risk_profile_id": None,
+            "team_id": None,
+            **details,
+            "id": details.get("id") or _pfid(),
+            "status": "active",
+            "inserted_at": now,
+            "updated_at": now,
+        }
+        self.agents[agent["id"]] = agent
+        return {"status": "success", "details": agent}
+
+    def _agent_by_id(self, body: dict[str, Any], query: Any, agent_id: str) -> dict[str, Any]:
+        return {"status": "success", "details": self._agent(agent_id)}
+
+    def _update_agent(self, body: dict[str, Any], query: Any, agent_id: str) -> dict[str, Any]:
+        agent = self._agent(agent_id)
+        details = body.get("details") or {}
+        if "external_identifier" in details:
+            raise _Reject(422, "validation_error", "external_identifier cannot be changed")
+        agent.update(details, updated_at=_now_text())
+        return {"status": "success", "details": agent}
+
+    def _delete_agent(self, body: dict[str, Any], query: Any, agent_id: str) -> dict[str, Any]:
+        return {"status": "success", "details": self.agents.pop(self._agent(agent_id)["id"])}
+
+    def _agent_action(self, body: dict[str, Any], query: Any, agent_id: str, action: str) -> dict[str, Any]:
+        agent = self._agent(agent_id)
+        wanted = "retired" if action == "retire" else "active"
+        if agent["status"] == wanted:
+            raise _Reject(409, "invalid_action", f"agent is already {wanted}")
+        agent.update(status=wanted, updated_at=_now_text())
+        return {"status": "success", "details": agent}
+
+    def _show_agent(self, body: Any, query: dict[str, str]) -> dict[str, Any]:
+        if "agent_id" in query:
+            return self._agent_by_id(body, query, query["agent_id"])
+        for agent in self.agents.values():
+            if agent.get("external_identifier") == query.get("external_identifier"):
+                return {"status": "success", "details": agent}
+        raise _Reject(404, "not_found", "no such agent")
+
+    def _list_agents(self, body: Any, query: dict[str, str]) -> dict[str, Any]:
+        rows = [
+            a
+            for a in self.agents.values()
+            if all(a.get(f) == query[f] for f in ("risk_profile_id", "team_id", "owner_person_id") if f in query)
+        ]
+        offset = int(query.get("pagination[offset]", 0))
+        size = int(query.get("pagination[page_size]", 20))
+        page = rows[offset : offset + size]
+        following = offset + size if offset + size < len(rows) else None
+        pagination = {"item_count": len(rows), "page_offset": offset, "page_size": size, "next_page_offset": following}
+        return {"status": "success", "summaries": page, "pagination": pagination, "sorting": None}
+
+    def _bulk(self, body: dict[str, Any], query: Any) -> dict[str, Any]:
+        items = body.get("items")
+        if not isinstance(items, list) or not items:
+            raise _Reject(422, "validation_error", "items must be a non-empty list", {"items": ["is required"]})
+        outputs: dict[str, Any] = {}
+        for item in items:
+            kind, key = item.get("_type"), item.get("idempotency_key")
+            target = _BULK_TYPES.get(kind)
+            if target is None:
+                outputs[key] = _Reject(0, "invalid_type", f"unknown _type {kind!r}").envelope()
+                break
+            method, path = target
+            for name in ("agent_instance_id", "agent_span_id", "agent_id"):
+                path = path.replace(f"{{{name}}}", str(item.get(name)))
+            params = {k: v for k, v in item.items() if k != "_type"}
+            if kind == "agent_spans/create" and "details" not in params:
+                params = {"details": params, "idempotency_key": key}
+            status, answer = self._answer(method, path, {}, params)
+            outputs[key] = answer
+            if status >= 400:
+                break
+        return {"status": "success", "outputs": outputs}
+
+
+def _route(method: str, pattern: str, handler: Callable[..., dict[str, Any]]) -> tuple[str, Any, Any]:
+    return method, re.compile(pattern.replace("{id}", "([^/]+)")), handler
+
+
+_ROUTES = [
+    _route("POST", "/api/v1/agent_instance/register", LocalApiServer._register),
+    _route("POST", "/api/v1/agent_instance/{id}/start", LocalApiServer._start),
+    _route("POST", "/api/v1/agent_instance/{id}/finish", LocalApiServer._finish_instance),
+    _route("POST", "/api/v1/agent_instance/{id}/record_quality", LocalApiServer._record_quality),
+    _route("GET", "/api/v1/agent_instance/{id}", LocalApiServer._get_instance),
+    _route("POST", "/api/v1/agent_spans", LocalApiServer._create_span),
+    _route("POST", "/api/v1/agent_spans/{id}/finish", LocalApiServer._finish_span),
+    _route("GET", "/api/v1/ping", LocalApiServer._ping),
+    _route("POST", "/api/v1/bulk", LocalApiServer._bulk),
+    _route("POST", "/api/v1/agent", LocalApiServer._create_agent),
+    _route("GET", "/api/v1/agent", LocalApiServer._list_agents),
+    _route("GET", "/api/v1/agent/show", LocalApiServer._show_agent),
+    _route("GET", "/api/v1/agent/{id}", LocalApiServer._agent_by_id),
+    _route("PUT", "/api/v1/agent/{id}", LocalApiServer._update_agent),
+    _route("DELETE", "/api/v1/agent/{id}", LocalApiServer._delete_agent),
+    _route("POST", "/api/v1/agent/{id}/(retire|reinstate)", LocalApiServer._agent_action),
+]
+
+#: Bulk ``_type`` -> the single endpoint it runs; ids come from the item's fields.
+_BULK_TYPES = {
+    "agent_instances/register": ("POST", "/api/v1/agent_instance/register"),
+    "agent_instances/start": ("POST", "/api/v1/agent_instance/{agent_instance_id}/start"),
+    "agent_instances/finish": ("POST", "/api/v1/agent_instance/{agent_instance_id}/finish"),
+    "agent_spans/create": ("POST", "/api/v1/agent_spans"),
+    "agent_spans/finish": ("POST", "/api/v1/agent_spans/{agent_span_id}/finish"),
+    "agents/create": ("POST", "/api/v1/agent"),
+    "agents/list": ("GET", "/api/v1/agent"),
+}
+
+
+# ============================================================================ #
+# Command line: python -m prefactor_http {demo,ping,send}
+# ============================================================================ #
+
+
+def _cli_config(args: Any, **overrides: Any) -> HttpClientConfig:
+    url = args.api_url or os.environ.get("PREFACTOR_API_URL")
+    token = args.api_token or os.environ.get("PREFACTOR_API_TOKEN")
+    if not url or not token:
+        raise SystemExit("error: set PREFACTOR_API_URL and PREFACTOR_API_TOKEN (or --api-url/--api-token)")
+    return HttpClientConfig(api_url=url, api_token=token, **overrides)
+
+
+def _cli_demo(args: Any) -> int:
+    """Run one agent lifecycle and print it as a tree with timings."""
+    local = None
+    if args.api_url or os.environ.get("PREFACTOR_API_URL"):
+        config = _cli_config(args)
+    else:
+        local = LocalApiServer().start()
+        config = local.config()
+        print(f"No API configured: using a local stand-in at {local.url}\n")
+    try:
+        with PrefactorHttpClient(config) as client:
+            began = _monotonic()
+            inst = client.agent_instances.register(
+                {"name": "demo agent", "external_identifier": "demo-v1"},
+                {
+                    "external_identifier": "demo-schema-v1",
+                    "span_type_schemas": [
+                        {"name": n, "params_schema": {"type": "object"}}
+                        for n in ("agent:run", "agent:llm", "agent:tool")
+                    ],
+                },
+                agent_id=None if local is None else "demo-agent",
+                purpose="smoke_test",
+            )
+            client.agent_instances.start(inst.id)
+            spans = client.agent_spans
+            times = {}
+            run = spans.create(inst.id, "agent:run", "active", {"task": "what is 6 x 7?"})
+            for name, payload, result in (
+                ("agent:llm", {"model": "demo-model", "prompt": "6 x 7?"}, {"response": "use the calculator"}),
+                ("agent:tool", {"tool": "calculator", "input": "6*7"}, {"output": 42}),
+            ):
+                t0 = _monotonic()
+                child = spans.create(inst.id, name, "active", payload, parent_span_id=run.id)
+                done = spans.finish(child.id, "complete", result)
+                times[child.id] = (name, done, (_monotonic() - t0) * 1000)
+            run_done = spans.finish(run.id, "complete", {"answer": 42})
+            run_ms = (_monotonic() - began) * 1000
+            finished = client.agent_instances.finish(inst.id, "complete")
+            total = (_monotonic() - began) * 1000
+    finally:
+        if local is not None:
+            local.stop()
+    print(f"agent instance {inst.id}  {finished.status}  {total:.1f} ms")
+    print(f"└─ agent:run  {run.id}  {run_done.status}  {run_ms:.1f} ms")
+    for i, (name, done, ms) in enumerate(times.values()):
+        branch = "└─" if i == len(times) - 1 else "├─"
+        print(f"   {branch} {name:<10} {done.id}  {done.status}  {ms:.1f} ms")
+    counts = finished.span_counts
+    if counts is not None:
+        print(f"\nspans: {counts.total} total, {counts.complete} complete")
+    return 0
+
+
+def _cli_ping(args: Any) -> int:
+    """Check the URL and token; exit 0 ok, 2 auth refused, 3 network failure."""
+    config = _cli_config(args, max_retries=0, request_timeout=args.timeout)
+    began = _monotonic()
+    try:
+        with PrefactorHttpClient(config) as client:
+            client.validate_token()
+    except PrefactorAuthError as exc:
+        print(f"auth failed: {config.api_url} refused the token ({exc}); check PREFACTOR_API_TOKEN")
+        return 2
+    except PrefactorConnectionError as exc:
+        print(f"network failure: {exc}; check PREFACTOR_API_URL, proxies and the network")
+        return 3
+    except PrefactorHttpError as exc:
+        print(f"unexpected answer: {exc}")
+        return 1
+    print(f"ok: {config.api_url} accepted the token in {(_monotonic() - began) * 1000:.1f} ms")
+    return 0
+
+
+def _cli_send(args: Any) -> int:
+    """Send JSON-lines bulk items in chunks; failed or unprocessed lines go,
+    unchanged, to the rejects file."""
+    config = _cli_config(args)
+    source = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")  # noqa: SIM115
+    rejects: Any = None
+    counts = {"sent": 0, "ok": 0, "rejected": 0}
+    tty = sys.stderr.isatty()
+
+    def reject(line: str, why: str) -> None:
+        nonlocal rejects
+        if rejects is None:
+            rejects = open(args.rejects, "w", encoding="utf-8")  # noqa: SIM115
+        rejects.write(line if line.endswith("\n") else line + "\n")
+        counts["rejected"] += 1
+        print(f"rejected: {why}", file=sys.stderr)
+
+    def flush(chunk: list[tuple[int, str, dict[str, Any]]]) -> None:
+        if not chunk:
+            return
+        try:
+            outputs = client.bulk.execute([item for _, _, item in chunk]).outputs
+        except PrefactorHttpError as exc:
+            outputs, failure = {}, str(exc)
+        else:
+            failure = "not processed (an earlier item in its chunk failed)"
+        for number, line, item in chunk:
+            output = outputs.get(item["idempotency_key"])
+            if output is not None and output.status == "success":
+                counts["ok"] += 1
+            elif output is not None:
+                reject(line, f"line {number}: {output.code}: {output.message}")
+            else:
+                reject(line, f"line {number}: {failure}")
+        counts["sent"] += len(chunk)
+        if tty:
+            print(f"\rsent {counts['sent']} items, {counts['rejected']} rejected", end="", file=sys.stderr)
+        chunk.clear()
+
+    with PrefactorHttpClient(config) as client, source:
+        chunk: list[tuple[int, str, dict[str, Any]]] = []
+        keys: set[str] = set()
+        for number, line in enumerate(source, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                BulkRequest([item])
+            except ValueError as exc:
+                reject(line, f"line {number}: {' '.join(str(exc).split())}")
+                continue
+            if item["idempotency_key"] in keys:
+                flush(chunk)
+                keys.clear()
+            keys.add(item["idempotency_key"])
+            chunk.append((number, line, item))
+            if len(chunk) >= args.chunk:
+                flush(chunk)
+                keys.clear()
+        flush(chunk)
+    if tty:
+        print(file=sys.stderr)
+    if rejects is not None:
+        rejects.close()
+    print(
+        f"{counts['ok']} sent, {counts['rejected']} rejected"
+        + (f"; rejects written to {os.path.abspath(args.rejects)}" if counts["rejected"] else "")
+    )
+    return 1 if counts["rejected"] else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m prefactor_http`` and ``prefactor-http``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="prefactor-http", description="Prefactor API client tools.")
+    parser.add_argument("--api-url", help="API base URL (default: $PREFACTOR_API_URL)")
+    parser.add_argument("--api-token", help="API token (default: $PREFACTOR_API_TOKEN; prefer the variable)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every HTTP attempt to stderr")
+    parser.add_argument("--version", action="version", version=f"prefactor-http {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+    demo = commands.add_parser("demo", help="run one agent lifecycle and print it as a tree")
+    demo.set_defaults(run=_cli_demo)
+    ping = commands.add_parser("ping", help="check the URL and token (exit 0 ok, 2 auth, 3 network)")
+    ping.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default 10)")
+    ping.set_defaults(run=_cli_ping)
+    send = commands.add_parser("send", help="send bulk items from JSON lines")
+    send.add_argument("file", nargs="?", default="-", help="JSON-lines file, or - for stdin (default)")
+    send.add_argument("--chunk", type=int, default=100, help="items per bulk request (default 100)")
+    send.add_argument("--rejects", default="prefactor-rejects.jsonl", help="where failed lines go")
+    send.set_defaults(run=_cli_send)
+    args = parser.parse_args(argv)
+    if args.verbose:
+        import logging
+
+        logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(name)s %(message)s")
+    if getattr(args, "chunk", 1) < 1:
+        parser.error("--chunk must be at least 1")
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
