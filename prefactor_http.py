@@ -868,11 +868,18 @@ class _DeadlineSocket(socket.socket):
     deadline = float("inf")
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
-        remaining = self.deadline - _monotonic()
+        _check_deadline(self)
+        return super().recv_into(buffer, nbytes, flags)
+
+
+def _check_deadline(sock: Any) -> None:
+    """Shrink the socket timeout to what is left of the attempt (before the
+    first request, while connecting, the connect timeout applies as set)."""
+    if sock.deadline != float("inf"):
+        remaining = sock.deadline - _monotonic()
         if remaining <= 0:
             raise socket.timeout("timed out")
-        self.settimeout(remaining)
-        return super().recv_into(buffer, nbytes, flags)
+        sock.settimeout(remaining)
 
 
 _TLS_SOCKET: Any = None
@@ -888,10 +895,7 @@ def _tls_socket_class() -> Any:
             deadline = float("inf")
 
             def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
-                remaining = self.deadline - _monotonic()
-                if remaining <= 0:
-                    raise socket.timeout("timed out")
-                self.settimeout(remaining)
+                _check_deadline(self)
                 return super().recv_into(buffer, nbytes, flags)  # type: ignore[arg-type,unused-ignore]
 
         _TLS_SOCKET = _DeadlineTLSSocket
@@ -1951,7 +1955,9 @@ class LocalApiServer:
             if headers.get("Authorization") != "Bearer " + self.token:
                 return 401, _Reject(0, "unauthorized", "missing or invalid API token").envelope(), {}, None
             status, payload = self._answer(method, unquote(parts.path), query, body)
-            return status, payload, {}, ("close" if kind in ("after", "idle") else None)
+            if kind == "after":  # processed and stored, but the answer is lost
+                return 0, {}, {}, "close"
+            return status, payload, {}, ("close" if kind == "idle" else None)
 
     def _answer(self, method: str, path: str, query: dict[str, str], body: Any) -> tuple[int, dict[str, Any]]:
         """Route one request; replay a repeated idempotency key's first answer."""

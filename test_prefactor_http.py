@@ -10,12 +10,18 @@ Run: ``python -m unittest -v`` (nothing to install) or ``pytest``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import math
 import os
+import shutil
 import socket
+import subprocess
 import sys
+import tempfile
 import threading
+import time
 import unittest
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
@@ -162,7 +168,8 @@ def read_request(conn: socket.socket) -> bytes | None:
 
 class FaultServer:
     """Connection n plays ``scripts[n]`` (the last script repeats). Actions:
-    ``("reply", bytes)`` read a request, send bytes; ``("drop_before",)`` close on
+    ``("reply", bytes)`` read a request, send bytes (``"truncate"``: then close);
+    ``("drop_before",)`` close on
     accept; ``("drop_after",)`` read, close; ``("stall",)`` read, never answer;
     ``("trickle", bytes)`` read, send a byte every 50 ms; ``("close",)`` close an
     idle kept-alive connection and set ``idle_closed``."""
@@ -203,8 +210,10 @@ class FaultServer:
                 if request is None:
                     return
                 self.requests.append(request)
-                if kind == "reply":
+                if kind in ("reply", "truncate"):
                     conn.sendall(action[1])
+                    if kind == "truncate":
+                        return
                 elif kind == "drop_after":
                     return
                 elif kind == "stall":
@@ -756,3 +765,678 @@ class RetryTests(ApiTestCase):
         for text, wanted in cases.items():
             with self.subTest(text):
                 self.assertEqual(ph._parse_retry_after(text, now), wanted)
+
+
+# ---------------------------------------------------------------------------- #
+# Resilience: faults on the wire
+# ---------------------------------------------------------------------------- #
+
+
+class IdempotencyTests(ApiTestCase):
+    def test_every_post_carries_a_key_and_the_prefix_is_used(self):
+        client, _ = make_client(self.api.url, default_idempotency_key="myapp-")
+        self.addCleanup(client.close)
+        inst = client.agent_instances.register({"name": "v"}, agent_id="a")
+        client.agent_instances.start(inst.id)
+        span = client.agent_spans.create(inst.id, "s", "active")
+        client.agent_spans.finish(span.id)
+        client.agent_instances.record_quality(inst.id, "q", {"x": 1})
+        client.agent_instances.finish(inst.id)
+        agent = client.agents.create({"name": "n"})
+        client.agents.retire(agent.id)
+        posts = [r for r in self.api.requests if r["method"] == "POST"]
+        self.assertEqual(len(posts), 8)
+        keys = [r["body"]["idempotency_key"] for r in posts]
+        self.assertEqual(len(set(keys)), 8)
+        for key in keys:
+            self.assertRegex(key, r"^myapp-[0-9a-f-]{36}$")
+
+    def test_a_lost_response_retried_yields_exactly_one_record(self):
+        inst = self.active_instance()
+        self.api.drop_next(when="after", path="/api/v1/agent_spans")
+        span = self.client.agent_spans.create(inst.id, "agent:llm", "active")
+        self.assertEqual(list(self.api.spans), [span.id])
+        creates = [r for r in self.api.requests if r["path"] == "/api/v1/agent_spans"]
+        self.assertEqual(len(creates), 2)
+        self.assertEqual(creates[0]["body"], creates[1]["body"])
+        self.assertEqual(len(self.sleeps), 1)
+
+    def test_a_dropped_request_is_retried(self):
+        self.api.drop_next(when="before")
+        inst = self.register()
+        self.assertEqual(list(self.api.instances), [inst.id])
+
+    def test_the_callers_key_is_sent_as_given(self):
+        inst = self.register(idempotency_key="caller-key-1")
+        again = self.register(idempotency_key="caller-key-1")
+        self.assertEqual(inst.id, again.id)
+        self.assertEqual(len(self.api.instances), 1)
+
+
+class FaultTests(FaultTestCase):
+    def test_idle_connection_closed_by_the_server_is_replaced_for_free(self):
+        server = self.serve(
+            [("reply", http_response(200, ok_body())), ("close",)], [("reply", http_response(200, ok_body()))]
+        )
+        client, sleeps = self.client(server.url, max_retries=0)
+        client.agent_instances.get("inst-1")
+        self.assertTrue(server.idle_closed.wait(5))
+        client.agent_instances.get("inst-1")
+        self.assertEqual((server.connections, len(server.requests), sleeps), (2, 2, []))
+
+    def test_connections_are_reused(self):
+        server = self.serve([("reply", http_response(200, ok_body()))] * 3)
+        client, _ = self.client(server.url)
+        for _ in range(3):
+            client.agent_instances.get("inst-1")
+        self.assertEqual(server.connections, 1)
+
+    def assert_connection_error(self, script, cls=ph.PrefactorConnectionError, text="", **overrides):
+        server = self.serve(script)
+        client, _ = self.client(server.url, max_retries=0, **overrides)
+        started = time.monotonic()
+        with self.assertRaises(cls) as caught:
+            client.agent_instances.get("inst-1")
+        self.assertIn(text, str(caught.exception))
+        self.assertIsNotNone(caught.exception.__cause__)
+        self.assertNotIsInstance(caught.exception.__cause__, ph.PrefactorHttpError)
+        return caught.exception, time.monotonic() - started
+
+    def test_drop_before_and_after_reading_the_request(self):
+        self.assert_connection_error([("drop_before",)])
+        self.assert_connection_error([("drop_after",)], text="closed the connection without answering")
+
+    def test_truncated_body(self):
+        self.assert_connection_error([("truncate", http_response(200, ok_body())[:-5])], text="cut short")
+
+    def test_garbage_status_line(self):
+        self.assert_connection_error([("reply", b"HELLO THERE\r\n\r\n")], text="malformed")
+
+    def test_refused(self):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()
+        client, _ = self.client(f"http://127.0.0.1:{port}", max_retries=0)
+        with self.assertRaisesRegex(ph.PrefactorConnectionError, "refused") as caught:
+            client.validate_token()
+        self.assertIsInstance(caught.exception.__cause__, ConnectionRefusedError)
+
+    def test_stall_times_out_within_request_timeout(self):
+        _err, elapsed = self.assert_connection_error(
+            [("stall",)], ph.PrefactorTimeoutError, "request_timeout", request_timeout=0.3
+        )
+        self.assertLess(elapsed, 2.0)
+
+    def test_trickle_cannot_stretch_an_attempt(self):
+        slow = http_response(200, ok_body())
+        _err, elapsed = self.assert_connection_error(
+            [("trickle", slow)], ph.PrefactorTimeoutError, "request_timeout", request_timeout=0.4
+        )
+        self.assertLess(elapsed, 2.0)
+
+    def test_total_timeout_bounds_the_whole_call(self):
+        server = self.serve([("stall",)])
+        client, _ = self.client(server.url, request_timeout=10, total_timeout=0.4, max_retries=5)
+        started = time.monotonic()
+        with self.assertRaisesRegex(ph.PrefactorTimeoutError, "total_timeout"):
+            client.validate_token()
+        self.assertLess(time.monotonic() - started, 2.0)
+        self.assertEqual(server.connections, 1)
+
+    def test_timeouts_and_drops_are_retried_with_backoff(self):
+        server = self.serve([("drop_after",)], [("stall",)], [("reply", http_response(200, ok_body()))])
+        client, sleeps = self.client(server.url, request_timeout=0.3)
+        self.assertEqual(client.agent_instances.get("inst-1").id, "inst-1")
+        self.assertEqual((server.connections, sleeps), (3, [1.0, 2.0]))
+
+    def test_oversized_response_is_refused_unread(self):
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 67108864\r\n\r\n{"
+        server = self.serve([("reply", head)])
+        client, _ = self.client(server.url, max_retries=0)
+        with self.assertRaisesRegex(ph.PrefactorResponseContractError, "67108864 bytes or more refused"):
+            client.validate_token()
+
+    def test_oversized_chunked_response_is_cut_off(self):
+        chunk = b"x" * 65536
+        body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(520))
+        head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        server = self.serve([("reply", head + body)])
+        client, _ = self.client(server.url, max_retries=0)
+        with self.assertRaisesRegex(ph.PrefactorResponseContractError, "refused"):
+            client.validate_token()
+
+
+class TokenSecrecyTests(FaultTestCase):
+    def test_an_echoed_token_is_redacted_everywhere(self):
+        echo = {
+            "status": "error",
+            "code": "bad_authtoken",
+            "message": f"token {TOKEN} expired",
+            "errors": {"token": [TOKEN]},
+        }
+        server = self.serve(
+            [("reply", http_response(401, echo))],
+            [("reply", http_response(502, f"<p>{TOKEN}</p>".encode(), {"Content-Type": "text/html"}))],
+        )
+        client, _ = self.client(server.url, max_retries=0)
+        with self.assertLogs("prefactor_http", "DEBUG") as logs:
+            with self.assertRaises(ph.PrefactorAuthError) as first:
+                client.validate_token()
+            client.close()
+            client2, _ = self.client(server.url, max_retries=0)
+            with self.assertRaises(ph.PrefactorApiError) as second:
+                client2.validate_token()
+        for err in (first.exception, second.exception):
+            seen = " ".join([str(err), repr(err), str(err.errors), str(err.body_snippet), str(err.args)])
+            self.assertNotIn(TOKEN, seen)
+            self.assertIn("[REDACTED]", seen)
+        self.assertNotIn(TOKEN, "\n".join(logs.output))
+
+    def test_garbage_echoing_the_token_is_redacted_in_the_cause_too(self):
+        server = self.serve([("reply", f"HTTP/1.1 {TOKEN}\r\n\r\n".encode())])
+        client, _ = self.client(server.url, max_retries=0)
+        with self.assertRaises(ph.PrefactorConnectionError) as caught:
+            client.validate_token()
+        self.assertNotIn(TOKEN, str(caught.exception) + str(caught.exception.__cause__))
+
+
+class LoggingTests(ApiTestCase):
+    def test_one_debug_line_per_attempt(self):
+        self.api.fail_next(503)
+        with self.assertLogs("prefactor_http", "DEBUG") as logs:
+            self.client.validate_token()
+        self.assertEqual(len(logs.records), 2)
+        self.assertRegex(logs.output[0], r"GET /api/v1/ping -> PrefactorApiError: .*503.* in [\d.]+ ms \(attempt 1\)")
+        self.assertRegex(logs.output[1], r"GET /api/v1/ping -> 200 in [\d.]+ ms \(attempt 2\)")
+
+
+class ThreadTests(ApiTestCase):
+    def test_one_client_shared_by_threads_completes_every_call_once(self):
+        inst = self.active_instance()
+        results: list = []
+        errors: list = []
+
+        def work():
+            try:
+                for _ in range(25):
+                    results.append(self.client.agent_spans.create(inst.id, "s", "active").id)
+            except Exception as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        self.assertEqual(errors, [])
+        self.assertEqual(len(results), 200)
+        self.assertEqual(set(results), set(self.api.spans))
+
+
+# ---------------------------------------------------------------------------- #
+# Lifecycle through the stand-in, control signals, bulk
+# ---------------------------------------------------------------------------- #
+
+
+class LifecycleTests(ApiTestCase):
+    def test_finishing_twice_is_a_conflict_and_before_start_a_validation_error(self):
+        inst = self.register()
+        with self.assertRaises(ph.PrefactorValidationError):
+            self.client.agent_instances.finish(inst.id)
+        self.client.agent_instances.start(inst.id)
+        self.client.agent_instances.finish(inst.id, "complete")
+        with self.assertRaises(ph.PrefactorConflictError) as caught:
+            self.client.agent_instances.finish(inst.id, "complete")
+        self.assertEqual(caught.exception.code, "invalid_action")
+
+    def test_terminate_reaches_the_control_signal_callback(self):
+        inst = self.active_instance()
+        span = self.client.agent_spans.create(inst.id, "s", "active")
+        self.api.terminate(inst.id, "operator stop")
+        reasons: list = []
+        self.client.agent_spans.finish(span.id, control_signal_callback=reasons.append)
+        self.client.agent_spans.create(inst.id, "s", "active", control_signal_callback=reasons.append)
+        self.assertEqual(reasons, ["operator stop", "operator stop"])
+        self.assertEqual(self.client.agent_instances.get(inst.id).termination_reason, "operator stop")
+
+    def test_bulk_runs_in_order_and_stops_at_the_first_error(self):
+        inst = self.active_instance()
+        items = [
+            BulkItem(
+                _type="agent_spans/create",
+                idempotency_key="bulk-span-1",
+                agent_instance_id=inst.id,
+                schema_name="s",
+                status="active",
+            ),
+            {
+                "_type": "agent_spans/create",
+                "idempotency_key": "bulk-span-2",
+                "agent_instance_id": "nope",
+                "schema_name": "s",
+                "status": "active",
+            },
+            {
+                "_type": "agent_spans/create",
+                "idempotency_key": "bulk-span-3",
+                "agent_instance_id": inst.id,
+                "schema_name": "s",
+                "status": "active",
+            },
+        ]
+        response = self.client.bulk.execute(BulkRequest(items=items))
+        self.assertEqual(self.last()["body"]["items"][0]["_type"], "agent_spans/create")
+        self.assertEqual(response.outputs["bulk-span-1"].status, "success")
+        self.assertEqual(response.outputs["bulk-span-2"].code, "not_found")
+        self.assertNotIn("bulk-span-3", response.outputs)
+        self.assertEqual(len(self.api.spans), 1)
+        again = self.client.bulk.execute(items[:1])
+        self.assertEqual(again.outputs["bulk-span-1"].details["id"], response.outputs["bulk-span-1"].details["id"])
+        self.assertEqual(len(self.api.spans), 1)
+
+
+# ---------------------------------------------------------------------------- #
+# Agents, async facade
+# ---------------------------------------------------------------------------- #
+
+
+class AgentTests(ApiTestCase):
+    def test_agent_bodies_and_queries(self):
+        agents = self.client.agents
+        agent = agents.create({"name": "a1", "external_identifier": "ext-1", "team_id": None})
+        self.assertEqual(self.last()["body"]["details"], {"name": "a1", "external_identifier": "ext-1"})
+        self.assertEqual(agents.get(agent.id).name, "a1")
+        updated = agents.update(agent.id, {"description": "d"})
+        self.assertEqual((self.last()["method"], self.last()["body"]), ("PUT", {"details": {"description": "d"}}))
+        self.assertEqual(updated.description, "d")
+        shown = agents.show(external_identifier="ext-1", include_counts=True)
+        self.assertEqual(self.last()["query"], {"external_identifier": "ext-1", "include_counts": "true"})
+        self.assertEqual(shown.id, agent.id)
+        self.assertEqual(agents.retire(agent.id).status, "retired")
+        self.assertEqual(set(self.last()["body"]), {"idempotency_key"})
+        self.assertEqual(agents.reinstate(agent.id, idempotency_key="reinstate-1").status, "active")
+        agents.delete(agent.id)
+        self.assertEqual((self.last()["method"], self.last()["body"]), ("DELETE", None))
+        self.assertEqual(self.api.agents, {})
+
+    def test_list_and_lazy_iteration(self):
+        for i in range(5):
+            self.client.agents.create({"name": f"a{i}", "team_id": "t1"})
+        page = self.client.agents.list_agents(team_id="t1", offset=2, page_size=2, sorting="-id")
+        self.assertEqual([a.name for a in page], ["a2", "a3"])
+        self.assertEqual(
+            self.last()["query"],
+            {"team_id": "t1", "sorting": "-id", "pagination[offset]": "2", "pagination[page_size]": "2"},
+        )
+        before = len(self.api.requests)
+        rows = self.client.agents.iter_agents(page_size=2)
+        self.assertEqual(len(self.api.requests), before)
+        self.assertEqual(next(rows).name, "a0")
+        self.assertEqual(len(self.api.requests), before + 1)
+        self.assertEqual([a.name for a in rows], ["a1", "a2", "a3", "a4"])
+        self.assertEqual(len(self.api.requests), before + 3)
+
+
+class AsyncTests(ApiTestCase):
+    def test_fifty_concurrent_calls_and_cancellation(self):
+        async def main():
+            async with ph.AsyncPrefactorHttpClient(self.api.config()) as client:
+                inst = await client.agent_instances.register({"name": "v"}, agent_id="a")
+                await client.agent_instances.start(inst.id)
+                spans = await asyncio.gather(*[client.agent_spans.create(inst.id, "s", "active") for _ in range(50)])
+                self.api.fail_next(503, times=1)
+                slow = asyncio.ensure_future(client.validate_token())
+                await asyncio.sleep(0)
+                slow.cancel()
+                with self.assertRaises(asyncio.CancelledError):
+                    await slow
+                again = await client.agent_instances.get(inst.id)
+                names = [a.name async for a in client.agents.iter_agents()]
+                return spans, again, names
+
+        spans, again, names = asyncio.run(main())
+        self.assertEqual(len({s.id for s in spans}), 50)
+        self.assertEqual(set(self.api.spans), {s.id for s in spans})
+        self.assertEqual(again.span_counts.total, 50)
+        self.assertEqual(names, [])
+
+    def test_importing_loads_neither_asyncio_nor_http_server(self):
+        code = "import sys, prefactor_http; print([m for m in ('asyncio', 'http.server') if m in sys.modules])"
+        out = subprocess.run([sys.executable, "-W", "error", "-c", code], cwd=HERE, capture_output=True, text=True)
+        self.assertEqual((out.stdout.strip(), out.stderr), ("[]", ""))
+
+
+class VendoringTests(unittest.TestCase):
+    def test_the_file_works_alone_without_site_packages(self):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        shutil.copy(os.path.join(HERE, "prefactor_http.py"), folder)
+        code = (
+            "import prefactor_http as p\n"
+            "with p.LocalApiServer() as api, p.PrefactorHttpClient(api.config()) as c:\n"
+            "    print(c.validate_token()['status'])"
+        )
+        out = subprocess.run(
+            [sys.executable, "-E", "-S", "-W", "error", "-c", code],
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        self.assertEqual((out.returncode, out.stdout.strip(), out.stderr), (0, "success", ""))
+
+
+# ---------------------------------------------------------------------------- #
+# TLS and proxies
+# ---------------------------------------------------------------------------- #
+
+
+def pipe(a: socket.socket, b: socket.socket) -> None:
+    """Copy bytes both ways until either side closes."""
+
+    def copy(src, dst):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.close()
+
+    threading.Thread(target=copy, args=(a, b), daemon=True).start()
+    threading.Thread(target=copy, args=(b, a), daemon=True).start()
+
+
+class Listener:
+    """Accepts on 127.0.0.1 and hands each connection to ``self.handle``."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
+
+    def close(self):
+        self.sock.close()
+
+
+class TlsFront(Listener):
+    """Terminates TLS with the test certificate and forwards to a plain port."""
+
+    def __init__(self, upstream_port: int, cert_file: str):
+        import ssl
+
+        self.upstream_port = upstream_port
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(cert_file)
+        super().__init__()
+
+    def handle(self, conn):
+        try:
+            tls = self.context.wrap_socket(conn, server_side=True)
+        except OSError:
+            conn.close()
+            return
+        pipe(tls, socket.create_connection(("127.0.0.1", self.upstream_port)))
+
+
+class ConnectProxy(Listener):
+    """An HTTP proxy: CONNECT tunnels and absolute-form requests; records heads."""
+
+    def __init__(self, credentials: str | None = None):
+        self.credentials = credentials
+        self.heads: list = []
+        super().__init__()
+
+    def handle(self, conn):
+        head = b""
+        while b"\r\n\r\n" not in head:
+            piece = conn.recv(1)
+            if not piece:
+                conn.close()
+                return
+            head += piece
+        lines = head.decode().split("\r\n")
+        self.heads.append(lines)
+        method, target, _ = lines[0].split(" ")
+        auth = [line.split(": ", 1)[1] for line in lines if line.lower().startswith("proxy-authorization:")]
+        if self.credentials is not None and auth != ["Basic " + self.credentials]:
+            conn.sendall(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+            conn.close()
+            return
+        if method == "CONNECT":
+            host, port = target.rsplit(":", 1)
+            upstream = socket.create_connection((host, int(port)))
+            conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        else:
+            from urllib.parse import urlsplit
+
+            parts = urlsplit(target)
+            upstream = socket.create_connection((parts.hostname, parts.port))
+            upstream.sendall(head)
+        pipe(conn, upstream)
+
+
+class TlsProxyTests(ApiTestCase):
+    def setUp(self):
+        super().setUp()
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        self.cert_file = os.path.join(folder, "cert.pem")
+        with open(self.cert_file, "w") as f:
+            f.write(CERT_PEM + KEY_PEM)
+        self.front = TlsFront(int(self.api.url.rsplit(":", 1)[1]), self.cert_file)
+        self.addCleanup(self.front.close)
+        self.https_url = f"https://127.0.0.1:{self.front.port}"
+        self.addCleanup(clean_env)
+
+    def tls_client(self, **overrides):
+        client, sleeps = make_client(self.https_url, **overrides)
+        self.addCleanup(client.close)
+        return client, sleeps
+
+    def test_ca_file_verifies_the_server_and_the_connection_is_reused(self):
+        client, _ = self.tls_client(ca_file=self.cert_file)
+        for _ in range(3):
+            self.assertEqual(client.validate_token(), {"status": "success"})
+        self.assertEqual(self.front.connections, 1)
+
+    def test_a_certificate_that_does_not_verify_fails_once_and_says_so(self):
+        client, sleeps = self.tls_client()
+        with self.assertRaises(ph.PrefactorConnectionError) as caught:
+            client.validate_token()
+        self.assertIn("certificate verification failed", str(caught.exception))
+        self.assertFalse(ph.is_transient_http_error(caught.exception))
+        self.assertEqual((self.front.connections, sleeps, self.api.requests), (1, [], []))
+
+    def test_ssl_cert_file_is_honoured(self):
+        os.environ["SSL_CERT_FILE"] = self.cert_file
+        client, _ = self.tls_client()
+        self.assertEqual(client.validate_token(), {"status": "success"})
+
+    def test_https_proxy_tunnels_with_credentials_and_verifies_end_to_end(self):
+        import base64
+
+        proxy = ConnectProxy(base64.b64encode(b"user:p@ss word").decode())
+        self.addCleanup(proxy.close)
+        os.environ["HTTPS_PROXY"] = f"http://user:p%40ss%20word@127.0.0.1:{proxy.port}"
+        client, _ = self.tls_client(ca_file=self.cert_file, trust_env=True)
+        client.validate_token()
+        client.validate_token()
+        self.assertRegex(proxy.heads[0][0], rf"^CONNECT 127.0.0.1:{self.front.port} HTTP/1.[01]$")
+        self.assertEqual((proxy.connections, self.front.connections), (1, 1))
+        self.assertEqual(len(self.api.requests), 2)
+        plain, _ = self.tls_client(trust_env=True)  # through the proxy, TLS still verified
+        with self.assertRaisesRegex(ph.PrefactorConnectionError, "certificate verification failed"):
+            plain.validate_token()
+
+    def test_proxy_credentials_never_show(self):
+        proxy = ConnectProxy("something-else")
+        self.addCleanup(proxy.close)
+        os.environ["HTTPS_PROXY"] = f"http://user:hunter2secret@127.0.0.1:{proxy.port}"
+        client, _ = self.tls_client(ca_file=self.cert_file, trust_env=True, max_retries=0)
+        with (
+            self.assertLogs("prefactor_http", "DEBUG") as logs,
+            self.assertRaises(ph.PrefactorConnectionError) as caught,
+        ):
+            client.validate_token()
+        seen = str(caught.exception) + repr(caught.exception) + "\n".join(logs.output) + repr(client)
+        self.assertIn("407", seen)
+        self.assertNotIn("hunter2secret", seen)
+        self.assertNotIn("dXNlcjpodW50ZXIyc2VjcmV0", seen)  # base64 of user:hunter2secret
+
+    def test_http_proxy_gets_the_absolute_url(self):
+        proxy = ConnectProxy()
+        self.addCleanup(proxy.close)
+        os.environ["HTTP_PROXY"] = f"127.0.0.1:{proxy.port}"
+        client, _ = make_client(self.api.url, trust_env=True)
+        self.addCleanup(client.close)
+        client.validate_token()
+        self.assertEqual(proxy.heads[0][0], f"GET {self.api.url}/api/v1/ping HTTP/1.1")
+
+    def test_no_proxy_and_trust_env_false_bypass_the_proxy(self):
+        proxy = ConnectProxy()
+        self.addCleanup(proxy.close)
+        os.environ["HTTP_PROXY"] = f"http://127.0.0.1:{proxy.port}"
+        client, _ = make_client(self.api.url, trust_env=False)
+        client.validate_token()
+        client.close()
+        os.environ["NO_PROXY"] = "localhost,127.0.0.1"
+        client, _ = make_client(self.api.url, trust_env=True)
+        client.validate_token()
+        client.close()
+        self.assertEqual(proxy.connections, 0)
+
+    def test_no_proxy_matching(self):
+        os.environ["HTTPS_PROXY"] = "http://proxy:3128"
+        cases = [
+            ("", "api.example.com", True),
+            ("example.com", "api.example.com", False),
+            (".example.com", "api.example.com", False),
+            ("ample.com", "api.example.com", True),
+            ("api.example.com:443", "api.example.com", False),
+            ("*", "anything", False),
+            ("other.org, example.com", "example.com", False),
+        ]
+        for no_proxy, host, proxied in cases:
+            with self.subTest(no_proxy=no_proxy, host=host):
+                os.environ["NO_PROXY"] = no_proxy
+                self.assertEqual(ph._proxy_for("https", host) is not None, proxied)
+
+
+# ---------------------------------------------------------------------------- #
+# Command line
+# ---------------------------------------------------------------------------- #
+
+
+class CliTests(unittest.TestCase):
+    def run_cli(self, *args, url=None, token=TOKEN, stdin=None):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFACTOR_")}
+        if url:
+            env.update(PREFACTOR_API_URL=url, PREFACTOR_API_TOKEN=token)
+        return subprocess.run(
+            [sys.executable, "-m", "prefactor_http", *args],
+            cwd=HERE,
+            env=env,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def test_demo_runs_with_nothing_configured(self):
+        out = self.run_cli("demo")
+        self.assertEqual(out.returncode, 0, out.stderr)
+        for text in (
+            "using a local stand-in",
+            "agent instance",
+            "└─ agent:run",
+            "├─ agent:llm",
+            "└─ agent:tool",
+            "spans: 3 total, 3 complete",
+        ):
+            self.assertIn(text, out.stdout)
+
+    def test_help(self):
+        for args in (["--help"], ["demo", "--help"], ["ping", "--help"], ["send", "--help"]):
+            with self.subTest(args):
+                out = self.run_cli(*args)
+                self.assertEqual(out.returncode, 0)
+                self.assertIn("usage:", out.stdout)
+
+    def test_ping_exit_codes(self):
+        with LocalApiServer(token=TOKEN) as api:
+            ok = self.run_cli("ping", url=api.url)
+            self.assertEqual(ok.returncode, 0, ok.stdout + ok.stderr)
+            self.assertRegex(ok.stdout, r"ok: .* in [\d.]+ ms")
+            bad = self.run_cli("ping", url=api.url, token="wrong-token")
+            self.assertEqual(bad.returncode, 2)
+            self.assertIn("auth failed", bad.stdout)
+        gone = self.run_cli("ping", url=api_gone_url())
+        self.assertEqual(gone.returncode, 3)
+        self.assertIn("network failure", gone.stdout)
+        self.assertNotIn(TOKEN, ok.stdout + bad.stdout + gone.stdout)
+
+    def test_send_writes_every_failed_or_unprocessed_line_unchanged(self):
+        with LocalApiServer(token=TOKEN) as api:
+            with PrefactorHttpClient(api.config()) as client:
+                inst = client.agent_instances.register({"name": "v"}, agent_id="a")
+                client.agent_instances.start(inst.id)
+
+            def span(key, instance=inst.id):
+                return json.dumps(
+                    {
+                        "_type": "agent_spans/create",
+                        "idempotency_key": key,
+                        "agent_instance_id": instance,
+                        "schema_name": "s",
+                        "status": "active",
+                    }
+                )
+
+            lines = [
+                span("send-key-1"),
+                span("send-key-2"),
+                "{not json",
+                span("short"),
+                span("send-key-3", "missing-instance"),
+                span("send-key-4"),
+            ]
+            folder = tempfile.mkdtemp()
+            self.addCleanup(shutil.rmtree, folder)
+            rejects = os.path.join(folder, "rejects.jsonl")
+            out = self.run_cli(
+                "send", "-", "--chunk", "10", "--rejects", rejects, url=api.url, stdin="\n".join(lines) + "\n"
+            )
+            self.assertEqual(out.returncode, 1, out.stderr)
+            self.assertEqual(len(api.spans), 2)
+        with open(rejects) as f:
+            self.assertEqual(f.read().splitlines(), [lines[2], lines[3], lines[4], lines[5]])
+        self.assertIn("2 sent, 4 rejected", out.stdout)
+        self.assertIn(rejects, out.stdout)
+        self.assertIn("line 3:", out.stderr)
+        self.assertIn("line 6: not processed", out.stderr)
+
+
+def api_gone_url() -> str:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return f"http://127.0.0.1:{port}"
