@@ -1986,15 +1986,17 @@ class LocalApiServer:
     def _instance(self, instance_id: str) -> dict[str, Any]:
         if instance_id not in self.instances:
             raise _Reject(404, "not_found", f"agent instance {instance_id} not found")
-        instance = self.instances[instance_id]
-        counts = {"total": 0, "active": 0, "complete": 0, "failed": 0, "cancelled": 0, "finished": 0}
-        for span in self.spans.values():
-            if span["agent_instance_id"] == instance_id:
-                counts["total"] += 1
-                counts[span["status"]] = counts.get(span["status"], 0) + 1
+        return self.instances[instance_id]
+
+    def _count(self, span: dict[str, Any], old: str | None) -> None:
+        """Keep the instance's span_counts current as a span is created or finished."""
+        counts = self.instances[span["agent_instance_id"]]["span_counts"]
+        if old is None:
+            counts["total"] += 1
+        else:
+            counts[old] = counts.get(old, 0) - 1
+        counts[span["status"]] = counts.get(span["status"], 0) + 1
         counts["finished"] = counts["complete"] + counts["failed"] + counts["cancelled"]
-        instance["span_counts"] = counts
-        return instance
 
     def _register(self, body: dict[str, Any], query: Any) -> dict[str, Any]:
         version = body.get("agent_version")
@@ -2016,6 +2018,7 @@ class LocalApiServer:
             "purpose": body.get("purpose", "live"),
             "external_identifier": body.get("external_identifier"),
             "quality_payloads": {},
+            "span_counts": dict.fromkeys(("total", "active", "complete", "failed", "cancelled", "finished"), 0),
             "quality_summaries": {},
         }
         self.instances[instance["id"]] = instance
@@ -2094,6 +2097,7 @@ class LocalApiServer:
             "updated_at": now,
         }
         self.spans[span["id"]] = span
+        self._count(span, None)
         return self._control(instance["id"], {"status": "success", "details": span})
 
     def _finish_span(self, body: dict[str, Any], query: Any, span_id: str) -> dict[str, Any]:
@@ -2110,7 +2114,9 @@ class LocalApiServer:
                 f"cannot finish a {span['status']} span as {status}",
                 {"status": ["is invalid"]},
             )
+        old = span["status"]
         span.update(status=status, finished_at=body.get("timestamp") or _now_text(), updated_at=_now_text())
+        self._count(span, old)
         if body.get("result_payload") is not None:
             span["result_payload"] = body["result_payload"]
         return self._control(span["agent_instance_id"], {"status": "success", "details": span})
