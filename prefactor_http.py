@@ -74,7 +74,6 @@ __all__ = [
     "LocalApiServer",
 ]
 
-import http.client
 import json
 import os
 import re
@@ -87,8 +86,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
-TYPE_CHECKING = False  # as typing.TYPE_CHECKING, without importing typing (~5 ms)
 from urllib.parse import quote, urlencode, urlsplit
+
+TYPE_CHECKING = False  # as typing.TYPE_CHECKING, without importing typing (~5 ms)
 
 if TYPE_CHECKING:  # typing-only imports keep `import prefactor_http` cheap
     import logging
@@ -265,7 +265,7 @@ def is_transient_http_error(error: BaseException) -> bool:
         return error.transient
     if isinstance(error, (PrefactorApiError, PrefactorResponseContractError)):
         return _transient_status(error.status_code)
-    return isinstance(error, (OSError, http.client.HTTPException))
+    return isinstance(error, OSError)
 
 
 def is_permanent_http_error(error: BaseException) -> bool:
@@ -870,7 +870,7 @@ def _random() -> float:
 
 
 # ============================================================================ #
-# Transport: the only code that touches socket, ssl and http.client
+# Transport: the only code that touches socket and ssl
 # ============================================================================ #
 
 
@@ -951,8 +951,8 @@ def _proxy_for(scheme: str, host: str) -> str | None:
 class _Transport:
     """Keep-alive HTTP/1.1 connections to one origin, one per thread.
 
-    Requests are written by hand from a head prepared once per client;
-    responses are read by ``http.client.HTTPResponse``.
+    Requests are written from a head prepared once per client; answers are read
+    by ``_read_response`` from a buffered reader kept with the connection.
     """
 
     def __init__(self, config: HttpClientConfig, headers: list[tuple[str, str]]) -> None:
@@ -981,7 +981,8 @@ class _Transport:
         self._context: ssl.SSLContext | None = None
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._open: set[socket.socket] = set()
+        self._open: set[_Connection] = set()
+        self.closed = False
 
     def _use_proxy(self, url: str) -> None:
         proxy = urlsplit(url if "://" in url else "http://" + url)
@@ -1008,43 +1009,45 @@ class _Transport:
             self._context = context
         return self._context
 
-    def _connect(self, deadline: float) -> Any:
+    def _connect(self, deadline: float) -> _Connection:
         """A new connection (through the proxy's tunnel, TLS verified) for this thread."""
         timeout = max(min(self.connect_timeout, deadline - _monotonic()), 0.001)
         sock: Any = _open_socket(self.proxy or (self.host, self.port), timeout)
-        self._local.sock = sock
-        with self._lock:
-            self._open.add(sock)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.proxy and self.tls:
-            auth = f"Proxy-Authorization: {self.proxy_auth}\r\n" if self.proxy_auth else ""
-            sock.sendall(f"CONNECT {self.authority} HTTP/1.1\r\nHost: {self.authority}\r\n{auth}\r\n".encode())
-            answer = http.client.HTTPResponse(sock, method="CONNECT")
-            answer.begin()
-            if answer.status != 200:
-                raise OSError(f"the proxy refused the tunnel: {answer.status} {answer.reason}")
-        if self.tls:
-            plain, sock = sock, self._ssl_context().wrap_socket(sock, server_hostname=self.host)
-            self._local.sock = sock
-            with self._lock:
-                self._open.discard(plain)
-                self._open.add(sock)
-        self._local.was_closed = _closed_check(sock)
-        return sock
-
-    def _drop(self) -> None:
-        sock = getattr(self._local, "sock", None)
-        if sock is not None:
-            self._local.sock = None
-            with self._lock:
-                self._open.discard(sock)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.proxy and self.tls:
+                auth = f"Proxy-Authorization: {self.proxy_auth}\r\n" if self.proxy_auth else ""
+                sock.sendall(f"CONNECT {self.authority} HTTP/1.1\r\nHost: {self.authority}\r\n{auth}\r\n".encode())
+                with sock.makefile("rb") as reader:  # nothing follows the answer until TLS starts
+                    answer, _ = _read_response(reader, "CONNECT")
+                if answer.status != 200:
+                    raise OSError(f"the proxy refused the tunnel: {answer.status} {answer.reason}")
+            if self.tls:
+                sock = self._ssl_context().wrap_socket(sock, server_hostname=self.host)
+        except BaseException:
             sock.close()
+            raise
+        conn = _Connection(sock)
+        with self._lock:
+            if self.closed:  # close() ran while this call was under way
+                conn.close()
+                raise PrefactorClientError("the client was closed during the call")
+            self._open.add(conn)
+        self._local.conn = conn
+        return conn
+
+    def _drop(self, conn: _Connection) -> None:
+        self._local.conn = None
+        with self._lock:
+            self._open.discard(conn)
+        conn.close()
 
     def close(self) -> None:
         with self._lock:
-            socks, self._open = self._open, set()
-        for sock in socks:
-            sock.close()
+            self.closed = True
+            conns, self._open = self._open, set()
+        for conn in conns:
+            conn.close()
 
     def redact(self, text: str) -> str:
         for secret in self.secrets:
@@ -1054,41 +1057,39 @@ class _Transport:
 
     def round_trip(
         self, method: str, path: str, head: bytes, body: bytes | None, deadline: float, timeout_text: str
-    ) -> tuple[int, http.client.HTTPResponse, bytes]:
+    ) -> tuple[_Response, bytes]:
         """One attempt: send, read the whole answer. Raises our errors only."""
-        sock = getattr(self._local, "sock", None)
+        conn: _Connection | None = getattr(self._local, "conn", None)
         try:
-            if sock is not None and self._local.was_closed():
-                self._drop()  # closed by the server while idle: reconnect, free of charge
-                sock = None
-            if sock is None:
-                sock = self._connect(deadline)
+            if conn is not None and conn.was_closed():
+                self._drop(conn)  # closed by the server while idle: reconnect, free of charge
+                conn = None
+            if conn is None:
+                conn = self._connect(deadline)
+            sock = conn.sock
             sock.deadline = deadline
             sock.settimeout(max(deadline - _monotonic(), 0.001))
             sock.sendall(f"{method} {self.target_prefix}{path} HTTP/1.1\r\n".encode() + self.head + head)
             if body:
                 sock.sendall(body)  # apart from the head, as http.client does: one send was 2x slower on nginx
-            response = http.client.HTTPResponse(sock, method=method)
-            response.begin()
-            length = response.length
-            if length is not None and length > _MAX_RESPONSE_BYTES:
-                raise _TooLarge(response.status, length)
-            data = response.read() if length is not None else _read_limited(response)
+            response, data = _read_response(conn.reader, method)
             if response.will_close:
-                self._drop()
-            return response.status, response, data
+                self._drop(conn)
+            return response, data
         except _TooLarge as exc:
-            self._drop()
+            if conn is not None:
+                self._drop(conn)
             raise PrefactorResponseContractError(
                 f"{method} {path}: response of {exc.args[1]} bytes or more refused (limit {_MAX_RESPONSE_BYTES} bytes)",
                 status_code=exc.args[0],
             ) from None
-        except (OSError, http.client.HTTPException, ValueError) as exc:
-            self._drop()
+        except (OSError, ValueError) as exc:
+            if conn is not None:
+                self._drop(conn)
             raise self._translate(exc, method, path, timeout_text) from exc
 
     def _translate(self, exc: BaseException, method: str, path: str, timeout_text: str) -> PrefactorHttpError:
-        """Map one socket/ssl/http.client failure to our error classes."""
+        """Map one socket, ssl or parsing failure to our error classes."""
         if exc.args and any(isinstance(a, str) and self.redact(a) != a for a in exc.args):
             exc.args = tuple(self.redact(a) if isinstance(a, str) else a for a in exc.args)
         where = f"{method} {path}"
@@ -1103,31 +1104,140 @@ class _Transport:
             )
         if isinstance(exc, socket.gaierror):
             return PrefactorConnectionError(f"{where}: cannot resolve {self.host}: {exc}")
-        if isinstance(exc, http.client.RemoteDisconnected):
-            return PrefactorConnectionError(f"{where}: server closed the connection without answering")
         if isinstance(exc, ConnectionRefusedError):
             return PrefactorConnectionError(f"{where}: connection refused by {self.host}:{self.port}")
-        if isinstance(exc, http.client.IncompleteRead):
-            return PrefactorConnectionError(f"{where}: response cut short after {len(exc.partial)} bytes")
-        if isinstance(exc, (http.client.HTTPException, ValueError)):
-            return PrefactorConnectionError(f"{where}: malformed HTTP response ({name}: {self.redact(str(exc))[:120]})")
+        if isinstance(exc, _CutShort):
+            return PrefactorConnectionError(f"{where}: {exc}")
+        if isinstance(exc, ValueError):
+            return PrefactorConnectionError(f"{where}: malformed HTTP response ({self.redact(str(exc))[:120]})")
         return PrefactorConnectionError(f"{where}: {name}: {self.redact(str(exc))[:200]}")
 
 
+class _Connection:
+    """One kept-alive connection: its socket, the buffered reader its answers are
+    read from, and the check for a close by the server while idle."""
+
+    __slots__ = ("reader", "sock", "was_closed")
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+        self.reader = sock.makefile("rb")  # kept: no bytes are read past an answer
+        self.was_closed = _closed_check(sock)
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+
 class _TooLarge(Exception):
-    pass
+    """The answer is over _MAX_RESPONSE_BYTES: args are (status, size so far)."""
 
 
-def _read_limited(response: http.client.HTTPResponse) -> bytes:
+class _CutShort(ConnectionError):
+    """The connection ended before the answer did."""
+
+
+class _Response:
+    """Status line and headers of an answer (header names in lower case)."""
+
+    __slots__ = ("headers", "reason", "status", "will_close")
+
+    def __init__(self, status: int, reason: str, headers: dict[str, str], will_close: bool) -> None:
+        self.status, self.reason, self.headers, self.will_close = status, reason, headers, will_close
+
+    def getheader(self, name: str, default: str | None = None) -> str | None:
+        return self.headers.get(name.lower(), default)
+
+
+#: http.client's limits: a longer line or more header fields is not a real server.
+_MAX_LINE = 65536
+_MAX_HEADERS = 100
+
+
+def _read_response(reader: Any, method: str) -> tuple[_Response, bytes]:
+    """Read one HTTP/1.x answer (status, headers, body by Content-Length, chunked
+    or up to the close) from a buffered reader of the connection.
+
+    Written here rather than taken from http.client, whose email-based header
+    parsing cost more per call than everything else the client does.
+    """
+    while True:
+        line = reader.readline(_MAX_LINE + 1)
+        if not line:
+            raise _CutShort("server closed the connection without answering")
+        parts = line.split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit() or len(line) > _MAX_LINE:
+            raise ValueError(f"bad status line {line[:80]!r}")
+        status = int(parts[1])
+        headers: dict[str, str] = {}
+        while True:
+            field = reader.readline(_MAX_LINE + 1)
+            if field in (b"\r\n", b"\n"):
+                break
+            if not field:
+                raise _CutShort("connection closed inside the response headers")
+            name, colon, value = field.partition(b":")
+            if not colon or len(field) > _MAX_LINE or len(headers) >= _MAX_HEADERS:
+                raise ValueError(f"bad header line {field[:80]!r}")
+            key, text = name.strip().lower().decode("latin-1"), value.strip().decode("latin-1")
+            headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        if not 100 <= status < 200:
+            break  # an interim 1xx answer is followed by the real one
+    connection = headers.get("connection", "").lower()
+    will_close = "close" in connection or (parts[0] == b"HTTP/1.0" and "keep-alive" not in connection)
+    response = _Response(status, parts[2].strip().decode("latin-1") if len(parts) > 2 else "", headers, will_close)
+    if method == "HEAD" or status in (204, 304) or (method == "CONNECT" and status == 200):
+        return response, b""
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        return response, _read_chunked(reader, status)
+    length = headers.get("content-length")
+    if length is None:
+        response.will_close = True
+        return response, _read_to_close(reader, status)
+    if not length.isdigit():
+        raise ValueError(f"bad Content-Length {length[:40]!r}")
+    if int(length) > _MAX_RESPONSE_BYTES:
+        raise _TooLarge(status, int(length))
+    data = reader.read(int(length))
+    if len(data) < int(length):
+        raise _CutShort(f"response cut short after {len(data)} of {length} bytes")
+    return response, data
+
+
+def _read_chunked(reader: Any, status: int) -> bytes:
     pieces: list[bytes] = []
     size = 0
     while True:
-        piece = response.read(_READ_CHUNK)
+        line = reader.readline(_MAX_LINE + 1)
+        if not line:
+            raise _CutShort(f"response cut short after {size} bytes")
+        try:
+            chunk = int(line.split(b";", 1)[0], 16)
+        except ValueError:
+            raise ValueError(f"bad chunk size {line[:40]!r}") from None
+        if chunk == 0:
+            while reader.readline(_MAX_LINE + 1) not in (b"\r\n", b"\n", b""):
+                pass  # trailer fields, ignored
+            return b"".join(pieces)
+        size += chunk
+        if size > _MAX_RESPONSE_BYTES:
+            raise _TooLarge(status, size)
+        data = reader.read(chunk + 2)  # the chunk and its CRLF
+        if len(data) < chunk + 2:
+            raise _CutShort(f"response cut short after {size - chunk + len(data)} bytes")
+        pieces.append(data[:chunk])
+
+
+def _read_to_close(reader: Any, status: int) -> bytes:
+    pieces: list[bytes] = []
+    size = 0
+    while True:
+        piece = reader.read1(_READ_CHUNK)
         if not piece:
             return b"".join(pieces)
         size += len(piece)
         if size > _MAX_RESPONSE_BYTES:
-            raise _TooLarge(response.status, size)
+            raise _TooLarge(status, size)
         pieces.append(piece)
 
 
@@ -1528,10 +1638,6 @@ class PrefactorHttpClient:
             ("X-Prefactor-SDK", entry),
         ]
         self._transport = _Transport(config, headers)
-        self._timeout_texts = (
-            f"no answer within request_timeout={config.request_timeout}s",
-            f"no answer within total_timeout={config.total_timeout}s",
-        )
         self._key_prefix = config.default_idempotency_key or ""
         self._retry_codes = frozenset(config.retry_on_status_codes)
         self._closed = False
@@ -1621,10 +1727,14 @@ class PrefactorHttpClient:
         while True:
             began = _monotonic()
             deadline = min(began + config.request_timeout, total_deadline)
-            timeout_text = self._timeout_texts[deadline == total_deadline]
+            timeout_text = (  # config may change between calls (a Lambda sets total_timeout)
+                f"no answer within total_timeout={config.total_timeout}s"
+                if deadline == total_deadline
+                else f"no answer within request_timeout={config.request_timeout}s"
+            )
             try:
-                status, response, data = self._transport.round_trip(method, path, head, payload, deadline, timeout_text)
-                result = self._interpret(status, response, data, method, path)
+                response, data = self._transport.round_trip(method, path, head, payload, deadline, timeout_text)
+                result = self._interpret(response, data, method, path)
             except PrefactorHttpError as error:
                 self._log(method, path, attempt, began, error)
                 delay = self._retry_delay(error, attempt, total_deadline)
@@ -1637,9 +1747,11 @@ class PrefactorHttpClient:
                         f"{operation} failed after {attempt + 1} attempts: {error}", error
                     ) from error
                 self._sleep(delay)
+                if self._closed:
+                    raise PrefactorClientError("the client was closed during the call") from error
                 attempt += 1
                 continue
-            self._log(method, path, attempt, began, status)
+            self._log(method, path, attempt, began, response.status)
             return result
 
     def _retry_delay(self, error: PrefactorHttpError, attempt: int, total_deadline: float) -> float | None:
@@ -1664,9 +1776,8 @@ class PrefactorHttpClient:
             return None
         return delay
 
-    def _interpret(
-        self, status: int, response: http.client.HTTPResponse, data: bytes, method: str, path: str
-    ) -> dict[str, Any]:
+    def _interpret(self, response: _Response, data: bytes, method: str, path: str) -> dict[str, Any]:
+        status = response.status
         if 200 <= status < 300:
             try:
                 result = _decode(data.decode())

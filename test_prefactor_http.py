@@ -453,6 +453,14 @@ class WireTests(ApiTestCase):
         self.assertEqual(self.last()["query"], {"x": "true"})
         self.assertEqual(self.last()["headers"].get("Idempotency-Key"), "hdr-key-1")
 
+    def test_closing_during_a_retry_wait_stops_the_call(self):
+        self.api.fail_next(503)
+        self.client._sleep = lambda delay: self.client.close()  # another thread closes it meanwhile
+        with self.assertRaisesRegex(ph.PrefactorClientError, "closed during the call"):
+            self.client.validate_token()
+        self.assertEqual(len(self.api.requests), 1)
+        self.assertEqual(self.client._transport._open, set())
+
     def test_closed_client_is_a_client_error(self):
         self.client.close()
         with self.assertRaises(ph.PrefactorClientError):
@@ -883,6 +891,13 @@ class FaultTests(FaultTestCase):
             client.validate_token()
         self.assertLess(time.monotonic() - started, 2.0)
         self.assertEqual(server.connections, 1)
+
+    def test_total_timeout_set_after_the_client_is_built_applies(self):
+        server = self.serve([("stall",)])
+        client, _ = self.client(server.url, request_timeout=10)
+        client.config.total_timeout = 0.3  # as a Lambda handler does per invocation
+        with self.assertRaisesRegex(ph.PrefactorTimeoutError, r"total_timeout=0.3s"):
+            client.validate_token()
 
     def test_timeouts_and_drops_are_retried_with_backoff(self):
         server = self.serve([("drop_after",)], [("stall",)], [("reply", http_response(200, ok_body()))])

@@ -193,7 +193,9 @@ def report(env, http_url, https_url, cold_rounds, seq_rounds, seq_calls, thread_
     procs = [subprocess.Popen([sys.executable, WORKER, "threads", "floor", http_url, str(thread_calls)],
                               env=env, cwd=env["BENCH_CWD"], stdout=subprocess.PIPE, text=True) for _ in range(3)]  # fmt: skip
     ceiling = sum(float(p.communicate()[0]) for p in procs)
-    print(f"server ceiling: {ceiling:,.0f} req/s with 3 concurrent floor processes (client and nginx share the cores)\n")
+    print(
+        f"server ceiling: {ceiling:,.0f} req/s with 3 concurrent floor processes (client and nginx share the cores)\n"
+    )
 
     imports = rounds(cold_rounds, COLD_TARGETS, lambda t: run(env, "import", t, http_url)[1] * 1000)
     cold_http = rounds(cold_rounds, COLD_TARGETS, lambda t: run(env, "cold", t, http_url)[1] * 1000)
@@ -202,7 +204,9 @@ def report(env, http_url, https_url, cold_rounds, seq_rounds, seq_calls, thread_
     med = {name: {t: statistics.median(v) for t, v in data.items()}
            for name, data in (("import", imports), ("cold_http", cold_http), ("cold_https", cold_https), ("mem", memory))}  # fmt: skip
     print(f"### Cold start and memory (median of {cold_rounds} fresh processes; memory: 3)\n")
-    print("| client | import ms | import+build+first call, HTTP ms | same, HTTPS ms | peak RSS MiB | cold HTTPS ÷ async pkg | memory ÷ async pkg |")
+    print(
+        "| client | import ms | import+build+first call, HTTP ms | same, HTTPS ms | peak RSS MiB | cold HTTPS ÷ async pkg | memory ÷ async pkg |"
+    )
     print("|---|---|---|---|---|---|---|")
     for t in COLD_TARGETS:
         print(f"| {LABELS[t]} | {med['import'][t]:.1f} | {med['cold_http'][t]:.1f} | {med['cold_https'][t]:.1f} | "
@@ -211,7 +215,11 @@ def report(env, http_url, https_url, cold_rounds, seq_rounds, seq_calls, thread_
 
     latency: dict[str, dict[str, list[float]]] = {}
     for scheme, url in (("HTTP", http_url), ("HTTPS", https_url)):
-        samples = rounds(seq_rounds, TARGETS, lambda t: [float(x) for x in run(env, "seq", t, url, seq_calls)[0].split()])  # noqa: B023
+
+        def seq(target: str, url: str = url) -> list[float]:
+            return [float(x) for x in run(env, "seq", target, url, seq_calls)[0].split()]
+
+        samples = rounds(seq_rounds, TARGETS, seq)
         latency[scheme] = {t: [x for chunk in v for x in chunk] for t, v in samples.items()}
     print(f"\n### Sequential span create ({seq_rounds * seq_calls} calls each after warm-up)\n")
     print("| client | HTTP p50 µs | HTTP p99 µs | HTTP p50 ÷ floor | HTTPS p50 µs | HTTPS p99 µs | HTTPS p50 ÷ floor |")
@@ -239,11 +247,11 @@ def report(env, http_url, https_url, cold_rounds, seq_rounds, seq_calls, thread_
         print(f"| {how} | {value:.1f} | {value / single:.2f} |")
 
     goals = [
-        ("per-call p50 HTTP ≤ 1.15× floor", p50["HTTP"]["ours"] / p50["HTTP"]["floor"], 1.15, "<="),
-        ("per-call p50 HTTPS ≤ 1.15× floor", p50["HTTPS"]["ours"] / p50["HTTPS"]["floor"], 1.15, "<="),
-        ("8-thread throughput ≥ 0.9× floor", tput["ours"] / tput["floor"], 0.9, ">="),
-        ("cold start HTTPS ≤ 0.25× async pkg", med["cold_https"]["ours"] / med["cold_https"]["upstream"], 0.25, "<="),
-        ("peak memory ≤ 0.5× async pkg", med["mem"]["ours"] / med["mem"]["upstream"], 0.5, "<="),
+        ("per-call p50 HTTP ≤ 1.15x floor", p50["HTTP"]["ours"] / p50["HTTP"]["floor"], 1.15, "<="),
+        ("per-call p50 HTTPS ≤ 1.15x floor", p50["HTTPS"]["ours"] / p50["HTTPS"]["floor"], 1.15, "<="),
+        ("8-thread throughput ≥ 0.9x floor", tput["ours"] / tput["floor"], 0.9, ">="),
+        ("cold start HTTPS ≤ 0.25x async pkg", med["cold_https"]["ours"] / med["cold_https"]["upstream"], 0.25, "<="),
+        ("peak memory ≤ 0.5x async pkg", med["mem"]["ours"] / med["mem"]["upstream"], 0.5, "<="),
     ]
     print("\n### Goals\n")
     for name, value, limit, sense in goals:

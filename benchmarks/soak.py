@@ -21,7 +21,7 @@ from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import prefactor_http as ph  # noqa: E402
+import prefactor_http as ph
 
 FAULTS = ("drop_before", "drop_after", "503_retry_after", "503", "idle_close")
 

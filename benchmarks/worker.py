@@ -165,7 +165,7 @@ TARGETS = {
 def do_import(target, url):
     if target.startswith("ours"):
         sys.path.insert(0, os.environ["BENCH_OURS_SRC" if target == "ours-nopyc" else "BENCH_OURS"])
-        import prefactor_http  # noqa: F401
+        import prefactor_http
     elif target == "upstream":
         import prefactor_http  # noqa: F401
     elif target == "floor":
