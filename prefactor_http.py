@@ -1174,7 +1174,7 @@ def _read_response(reader: Any, method: str) -> tuple[_Response, bytes]:
             field = reader.readline(_MAX_LINE + 1)
             if field in (b"\r\n", b"\n"):
                 break
-            if not field:
+            if not field.endswith(b"\n") and len(field) <= _MAX_LINE:
                 raise _CutShort("connection closed inside the response headers")
             name, colon, value = field.partition(b":")
             if not colon or len(field) > _MAX_LINE or len(headers) >= _MAX_HEADERS:

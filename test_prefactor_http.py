@@ -1455,3 +1455,76 @@ def api_gone_url() -> str:
     port = sock.getsockname()[1]
     sock.close()
     return f"http://127.0.0.1:{port}"
+
+
+# ---------------------------------------------------------------------------- #
+# The HTTP/1.1 reader
+# ---------------------------------------------------------------------------- #
+
+
+class ReaderTests(FaultTestCase):
+    BODY = json.dumps(ok_body()).encode()
+
+    def get(self, *scripts, calls=1, **overrides):
+        server = self.serve(*scripts)
+        client, _ = self.client(server.url, max_retries=0, **overrides)
+        results = [client.agent_instances.get("inst-1") for _ in range(calls)]
+        return server, results
+
+    def test_chunked_body_with_extensions_and_trailers(self):
+        half = len(self.BODY) // 2
+        chunked = (b"HTTP/1.1 200 OK\r\ntransfer-encoding: Chunked\r\n\r\n"
+                   + b"%x;ext=1\r\n%s\r\n" % (half, self.BODY[:half])
+                   + b"%X\r\n%s\r\n" % (len(self.BODY) - half, self.BODY[half:])
+                   + b"0\r\nX-Trailer: t\r\n\r\n")  # fmt: skip
+        server, results = self.get([("reply", chunked), ("reply", chunked)], calls=2)
+        self.assertEqual([r.id for r in results], ["inst-1", "inst-1"])
+        self.assertEqual(server.connections, 1)
+
+    def test_http_1_0_without_length_is_read_to_the_close(self):
+        answer = b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n" + self.BODY
+        server, results = self.get([("truncate", answer)], calls=2)
+        self.assertEqual((results[1].id, server.connections), ("inst-1", 2))
+
+    def test_interim_1xx_answers_are_skipped(self):
+        answer = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n" + http_response(
+            200, ok_body()
+        )
+        _, results = self.get([("reply", answer)])
+        self.assertEqual(results[0].id, "inst-1")
+
+    def test_connection_close_is_honoured(self):
+        answer = http_response(200, ok_body(), {"Connection": "close", "Content-Type": "application/json"})
+        server, _ = self.get([("reply", answer)], calls=3)
+        self.assertEqual(server.connections, 3)
+
+    def test_malformed_answers(self):
+        cases = {
+            "bad Content-Length": b"HTTP/1.1 200 OK\r\nContent-Length: 12abc\r\n\r\n{}",
+            "bad chunk size": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
+            "bad header line": b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
+            "bad status line": b"HTTP/2 200\r\n\r\n",
+        }
+        for text, answer in cases.items():
+            with self.subTest(text):
+                server = self.serve([("reply", answer)])
+                client, _ = self.client(server.url, max_retries=0)
+                with self.assertRaisesRegex(ph.PrefactorConnectionError, text):
+                    client.validate_token()
+
+    def test_cut_short_chunked_and_headers(self):
+        for answer in (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n{}",
+                       b"HTTP/1.1 200 OK\r\nContent-Le"):  # fmt: skip
+            with self.subTest(answer):
+                server = self.serve([("truncate", answer)])
+                client, _ = self.client(server.url, max_retries=0)
+                with self.assertRaisesRegex(ph.PrefactorConnectionError, "cut short|closed inside"):
+                    client.validate_token()
+
+    def test_header_names_are_case_insensitive(self):
+        answer = b"HTTP/1.1 429 Too Many\r\ncontent-length: 2\r\nRETRY-AFTER: 7\r\n\r\n{}"
+        server = self.serve([("reply", answer)])
+        client, _ = self.client(server.url, max_retries=0)
+        with self.assertRaises(ph.PrefactorApiError) as caught:
+            client.validate_token()
+        self.assertEqual(caught.exception.retry_after, 7.0)
