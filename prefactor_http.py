@@ -518,27 +518,6 @@ class AgentSpan:
 
 @_fields(inserted_at=_dt, updated_at=_dt)
 @dataclass
-class Agent:
-    """An agent of the account."""
-
-    id: str
-    type: str = "agent"
-    name: str | None = None
-    description: str | None = None
-    external_identifier: str | None = None
-    status: str | None = None
-    owner_person_id: str | None = None
-    risk_profile_id: str | None = None
-    team_id: str | None = None
-    instance_counts: dict[str, Any] | None = None
-    available_actions: dict[str, Any] | None = None
-    inserted_at: datetime | None = None
-    updated_at: datetime | None = None
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
-
-
-@_fields(inserted_at=_dt, updated_at=_dt)
-@dataclass
 class AgentSummary:
     """An agent as a list row."""
 
@@ -554,6 +533,15 @@ class AgentSummary:
     inserted_at: datetime | None = None
     updated_at: datetime | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@_fields(inserted_at=_dt, updated_at=_dt)
+@dataclass
+class Agent(AgentSummary):
+    """An agent of the account: a summary's fields plus risk profile and counts."""
+
+    risk_profile_id: str | None = None
+    instance_counts: dict[str, Any] | None = None
 
 
 @_fields()

@@ -166,7 +166,32 @@ def read_request(conn: socket.socket) -> bytes | None:
     return head + b"\r\n\r\n" + body
 
 
-class FaultServer:
+class Listener:
+    """Accepts on 127.0.0.1 and hands connection n to ``self.handle(conn, n)``."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self.handle, args=(conn, self.connections - 1), daemon=True).start()
+
+    def close(self):
+        self.sock.close()
+
+
+class FaultServer(Listener):
     """Connection n plays ``scripts[n]`` (the last script repeats). Actions:
     ``("reply", bytes)`` read a request, send bytes (``"truncate"``: then close);
     ``("drop_before",)`` close on
@@ -177,24 +202,12 @@ class FaultServer:
     def __init__(self, *scripts):
         self.scripts = list(scripts)
         self.requests: list = []
-        self.connections = 0
         self.idle_closed = threading.Event()
         self.stopping = threading.Event()
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            script = self.scripts[min(self.connections, len(self.scripts) - 1)]
-            self.connections += 1
-            threading.Thread(target=self._play, args=(conn, script), daemon=True).start()
+    def handle(self, conn, index):
+        self._play(conn, self.scripts[min(index, len(self.scripts) - 1)])
 
     def _play(self, conn, script):
         with conn:
@@ -234,7 +247,7 @@ class FaultServer:
 
     def close(self):
         self.stopping.set()
-        self.sock.close()
+        super().close()
 
 
 class FaultTestCase(unittest.TestCase):
@@ -1167,30 +1180,6 @@ def pipe(a: socket.socket, b: socket.socket) -> None:
     threading.Thread(target=copy, args=(b, a), daemon=True).start()
 
 
-class Listener:
-    """Accepts on 127.0.0.1 and hands each connection to ``self.handle``."""
-
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.connections = 0
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
-
-    def close(self):
-        self.sock.close()
-
-
 class TlsFront(Listener):
     """Terminates TLS with the test certificate and forwards to a plain port."""
 
@@ -1202,7 +1191,7 @@ class TlsFront(Listener):
         self.context.load_cert_chain(cert_file)
         super().__init__()
 
-    def handle(self, conn):
+    def handle(self, conn, index):
         try:
             tls = self.context.wrap_socket(conn, server_side=True)
         except OSError:
@@ -1219,7 +1208,7 @@ class ConnectProxy(Listener):
         self.heads: list = []
         super().__init__()
 
-    def handle(self, conn):
+    def handle(self, conn, index):
         head = b""
         while b"\r\n\r\n" not in head:
             piece = conn.recv(1)
