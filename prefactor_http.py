@@ -82,7 +82,6 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -93,7 +92,7 @@ TYPE_CHECKING = False  # as typing.TYPE_CHECKING, without importing typing (~5 m
 if TYPE_CHECKING:  # typing-only imports keep `import prefactor_http` cheap
     import logging
     import ssl
-    from collections.abc import Awaitable, Mapping, Sequence
+    from collections.abc import Awaitable, Iterator, Mapping, Sequence
     from typing import Any, Callable, Literal
 
     AgentStatus = Literal["pending", "active", "complete", "failed", "cancelled", "terminated"]
@@ -327,8 +326,10 @@ class HttpClientConfig:
         parts = urlsplit(self.api_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"api_url must be an http:// or https:// URL, got {self.api_url!r}")
-        if parts.query or parts.fragment:
-            raise ValueError("api_url must not carry a query string or fragment")
+        if not self.api_url.isascii() or not self.api_url.isprintable() or " " in self.api_url:
+            raise ValueError("api_url must be ASCII without spaces (percent-encode the path, IDNA-encode the host)")
+        if parts.query or parts.fragment or "@" in parts.netloc:
+            raise ValueError("api_url must not carry credentials, a query string or a fragment")
         if not isinstance(self.api_token, str) or not self.api_token:
             raise ValueError("api_token is required")
         if self.api_token.strip() != self.api_token or " " in self.api_token:
@@ -657,27 +658,24 @@ class BulkRequest:
         built: list[BulkItem] = []
         seen: dict[str, int] = {}
         for index, item in enumerate(items):
-            if isinstance(item, BulkItem):
-                built.append(item)
-            elif hasattr(item, "keys"):
+            if not isinstance(item, BulkItem):
+                if not hasattr(item, "keys"):
+                    problems.append(f"item {index}: expected a BulkItem or dict, got {type(item).__name__}")
+                    continue
                 params = dict(item)
-                kind = params.pop("_type", params.pop("type", None))
+                kind = params.pop("_type") if "_type" in params else params.pop("type", None)
                 key = params.pop("idempotency_key", None)
                 found = _bulk_item_problems(kind, key)
-                problems.extend(f"item {index}: {p}" for p in found)
-                if not found:
-                    built.append(BulkItem(kind, key, **params))
-                    if key in seen:
-                        problems.append(f"item {index}: idempotency_key {key!r} repeats item {seen[key]}")
-                    seen.setdefault(key, index)
-                continue
-            else:
-                problems.append(f"item {index}: expected a BulkItem or dict, got {type(item).__name__}")
-                continue
-            key = item.idempotency_key
-            if key in seen:
-                problems.append(f"item {index}: idempotency_key {key!r} repeats item {seen[key]}")
-            seen.setdefault(key, index)
+                if found:
+                    problems.extend(f"item {index}: {problem}" for problem in found)
+                    continue
+                item = BulkItem(kind, key, **params)
+            if item.idempotency_key in seen:
+                problems.append(
+                    f"item {index}: idempotency_key {item.idempotency_key!r} repeats item {seen[item.idempotency_key]}"
+                )
+            seen.setdefault(item.idempotency_key, index)
+            built.append(item)
         if not built and not problems:
             problems.append("at least one item is required")
         if problems:
@@ -903,7 +901,7 @@ def _tls_socket_class() -> Any:
     return _TLS_SOCKET
 
 
-def _open_socket(address: tuple[str, int], timeout: float | None = None, source: Any = None) -> _DeadlineSocket:
+def _open_socket(address: tuple[str, int], timeout: float) -> _DeadlineSocket:
     """socket.create_connection, but the socket is a _DeadlineSocket."""
     host, port = address
     error: OSError | None = None
@@ -999,7 +997,7 @@ class _Transport:
 
     def _connect(self, deadline: float) -> _Connection:
         """A new connection (through the proxy's tunnel, TLS verified) for this thread."""
-        timeout = max(min(self.connect_timeout, deadline - _monotonic()), 0.001)
+        timeout = max(min(self.connect_timeout, deadline - _monotonic()), 0.001)  # for each step of connecting
         sock: Any = _open_socket(self.proxy or (self.host, self.port), timeout)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -1053,7 +1051,10 @@ class _Transport:
                 self._drop(conn)  # closed by the server while idle: reconnect, free of charge
                 conn = None
             if conn is None:
+                connect_timeout = min(self.connect_timeout, deadline - _monotonic())
+                timeout_text, request_text = f"no connection within {connect_timeout:.3g}s", timeout_text
                 conn = self._connect(deadline)
+                timeout_text = request_text
             sock = conn.sock
             sock.deadline = deadline
             sock.settimeout(max(deadline - _monotonic(), 0.001))
@@ -1093,7 +1094,8 @@ class _Transport:
         if isinstance(exc, socket.gaierror):
             return PrefactorConnectionError(f"{where}: cannot resolve {self.host}: {exc}")
         if isinstance(exc, ConnectionRefusedError):
-            return PrefactorConnectionError(f"{where}: connection refused by {self.host}:{self.port}")
+            host, port = self.proxy or (self.host, self.port)
+            return PrefactorConnectionError(f"{where}: connection refused by {host}:{port}")
         if isinstance(exc, _CutShort):
             return PrefactorConnectionError(f"{where}: {exc}")
         if isinstance(exc, ValueError):
@@ -1626,8 +1628,6 @@ class PrefactorHttpClient:
             ("X-Prefactor-SDK", entry),
         ]
         self._transport = _Transport(config, headers)
-        self._key_prefix = config.default_idempotency_key or ""
-        self._retry_codes = frozenset(config.retry_on_status_codes)
         self._closed = False
         self._sleep: Callable[[float], None] = time.sleep  # injectable for tests
         self._random: Callable[[], float] = _random
@@ -1683,7 +1683,7 @@ class PrefactorHttpClient:
     def _key(self, key: str | None) -> str:
         """The caller's key, checked, or a new one made once per call."""
         if key is None:
-            return self._key_prefix + _uuid4()
+            return (self.config.default_idempotency_key or "") + _uuid4()
         return _check_key(key)
 
     def _call(
@@ -1749,7 +1749,7 @@ class PrefactorHttpClient:
                 return None
         elif (
             not isinstance(error, (PrefactorApiError, PrefactorResponseContractError))
-            or error.status_code not in self._retry_codes
+            or error.status_code not in self.config.retry_on_status_codes
         ):
             return None
         if attempt >= self.config.max_retries:
