@@ -1853,11 +1853,11 @@ class _AsyncGroup:
 
 
 class _AsyncAgents(_AsyncGroup):
-    async def iter_agents(self, **filters: Any) -> Any:
+    async def iter_agents(self, *args: Any, **filters: Any) -> Any:
         """Every agent, a page fetched (in a thread) when the last is used up."""
         import asyncio
 
-        pages = self._group.iter_agents(**filters)
+        pages = self._group.iter_agents(*args, **filters)
         loop = asyncio.get_running_loop()
         done = object()
         while True:

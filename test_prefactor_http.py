@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -214,6 +215,10 @@ class FaultServer(Listener):
             for action in script:
                 kind = action[0]
                 if kind == "drop_before":
+                    return
+                if kind == "reset":  # an RST instead of a FIN
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    read_request(conn)
                     return
                 if kind == "close":
                     conn.shutdown(socket.SHUT_RDWR)
@@ -867,6 +872,9 @@ class FaultTests(FaultTestCase):
         self.assert_connection_error([("drop_before",)])
         self.assert_connection_error([("drop_after",)], text="closed the connection without answering")
 
+    def test_reset_by_peer(self):
+        self.assert_connection_error([("reset",)])
+
     def test_truncated_body(self):
         self.assert_connection_error([("truncate", http_response(200, ok_body())[:-5])], text="cut short")
 
@@ -1396,6 +1404,13 @@ class CliTests(unittest.TestCase):
         self.assertEqual(gone.returncode, 3)
         self.assertIn("network failure", gone.stdout)
         self.assertNotIn(TOKEN, ok.stdout + bad.stdout + gone.stdout)
+
+    def test_verbose_logs_each_attempt_without_the_token(self):
+        with LocalApiServer(token=TOKEN) as api:
+            out = self.run_cli("-v", "ping", url=api.url)
+        self.assertEqual(out.returncode, 0)
+        self.assertRegex(out.stderr, r"prefactor_http GET /api/v1/ping -> 200 in [\d.]+ ms \(attempt 1\)")
+        self.assertNotIn(TOKEN, out.stderr + out.stdout)
 
     def test_send_writes_every_failed_or_unprocessed_line_unchanged(self):
         with LocalApiServer(token=TOKEN) as api:
