@@ -1454,9 +1454,9 @@ class _Agents(_Group):
     def update(self, agent_id: str, details: Mapping[str, Any], idempotency_key: str | None = None) -> Agent:
         """Change name, description, owner, risk profile or team (PUT)."""
         path = self._path(agent_id)
-        body = _drop_none(
-            details=_details_arg(details), idempotency_key=idempotency_key and _check_key(idempotency_key)
-        )
+        body: dict[str, Any] = {"details": _details_arg(details)}
+        if idempotency_key is not None:  # PUT is idempotent by itself: a key only when given
+            body["idempotency_key"] = _check_key(idempotency_key)
         return self._one("PUT", path, "agents.update", body)
 
     def show(

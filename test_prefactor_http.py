@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import os
+import select
 import shutil
 import socket
 import struct
@@ -847,6 +848,8 @@ class FaultTests(FaultTestCase):
         client, sleeps = self.client(server.url, max_retries=0)
         client.agent_instances.get("inst-1")
         self.assertTrue(server.idle_closed.wait(5))
+        (conn,) = client._transport._open
+        select.select([conn.sock], [], [], 5)  # until the server's FIN has reached the client
         client.agent_instances.get("inst-1")
         self.assertEqual((server.connections, len(server.requests), sleeps), (2, 2, []))
 
@@ -1116,6 +1119,9 @@ class AgentTests(ApiTestCase):
 
 class AsyncTests(ApiTestCase):
     def test_fifty_concurrent_calls_and_cancellation(self):
+        for name in ("a1", "a2", "a3"):
+            self.client.agents.create({"name": name})
+
         async def main():
             async with ph.AsyncPrefactorHttpClient(self.api.config()) as client:
                 inst = await client.agent_instances.register({"name": "v"}, agent_id="a")
@@ -1128,14 +1134,14 @@ class AsyncTests(ApiTestCase):
                 with self.assertRaises(asyncio.CancelledError):
                     await slow
                 again = await client.agent_instances.get(inst.id)
-                names = [a.name async for a in client.agents.iter_agents()]
+                names = [a.name async for a in client.agents.iter_agents(page_size=2)]
                 return spans, again, names
 
         spans, again, names = asyncio.run(main())
         self.assertEqual(len({s.id for s in spans}), 50)
         self.assertEqual(set(self.api.spans), {s.id for s in spans})
         self.assertEqual(again.span_counts.total, 50)
-        self.assertEqual(names, [])
+        self.assertEqual(names, ["a1", "a2", "a3"])
 
     def test_importing_loads_neither_asyncio_nor_http_server(self):
         code = "import sys, prefactor_http; print([m for m in ('asyncio', 'http.server') if m in sys.modules])"
