@@ -901,14 +901,15 @@ def _tls_socket_class() -> Any:
     return _TLS_SOCKET
 
 
-def _open_socket(address: tuple[str, int], timeout: float) -> _DeadlineSocket:
-    """socket.create_connection, but the socket is a _DeadlineSocket."""
+def _open_socket(address: tuple[str, int], timeout: float, deadline: float) -> _DeadlineSocket:
+    """socket.create_connection, but the socket is a _DeadlineSocket and trying
+    one address after another stays within the attempt's deadline."""
     host, port = address
     error: OSError | None = None
     for family, kind, proto, _, addr in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
         sock = _DeadlineSocket(family, kind, proto)
         try:
-            sock.settimeout(timeout)
+            sock.settimeout(max(min(timeout, deadline - _monotonic()), 0.001))
             sock.connect(addr)
             return sock
         except OSError as exc:
@@ -998,7 +999,7 @@ class _Transport:
     def _connect(self, deadline: float) -> _Connection:
         """A new connection (through the proxy's tunnel, TLS verified) for this thread."""
         timeout = max(min(self.connect_timeout, deadline - _monotonic()), 0.001)  # for each step of connecting
-        sock: Any = _open_socket(self.proxy or (self.host, self.port), timeout)
+        sock: Any = _open_socket(self.proxy or (self.host, self.port), timeout, deadline)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.proxy and self.tls:
@@ -1047,8 +1048,8 @@ class _Transport:
         """One attempt: send, read the whole answer. Raises our errors only."""
         conn: _Connection | None = getattr(self._local, "conn", None)
         try:
-            if conn is not None and conn.was_closed():
-                self._drop(conn)  # closed by the server while idle: reconnect, free of charge
+            if conn is not None and (conn.was_closed() or conn.pid != os.getpid()):
+                self._drop(conn)  # closed by the server while idle (or forked): reconnect, free of charge
                 conn = None
             if conn is None:
                 connect_timeout = min(self.connect_timeout, deadline - _monotonic())
@@ -1107,12 +1108,13 @@ class _Connection:
     """One kept-alive connection: its socket, the buffered reader its answers are
     read from, and the check for a close by the server while idle."""
 
-    __slots__ = ("reader", "sock", "was_closed")
+    __slots__ = ("pid", "reader", "sock", "was_closed")
 
     def __init__(self, sock: Any) -> None:
         self.sock = sock
         self.reader = sock.makefile("rb")  # kept: no bytes are read past an answer
         self.was_closed = _closed_check(sock)
+        self.pid = os.getpid()  # a forked child must not talk on its parent's connection
 
     def close(self) -> None:
         self.reader.close()

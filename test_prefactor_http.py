@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 import unittest
+import warnings
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 
@@ -852,6 +853,25 @@ class FaultTests(FaultTestCase):
         select.select([conn.sock], [], [], 5)  # until the server's FIN has reached the client
         client.agent_instances.get("inst-1")
         self.assertEqual((server.connections, len(server.requests), sleeps), (2, 2, []))
+
+    @unittest.skipUnless(hasattr(os, "fork"), "needs fork")
+    def test_a_forked_child_opens_its_own_connection(self):
+        server = self.serve([("reply", http_response(200, ok_body()))] * 2)
+        client, _ = self.client(server.url, max_retries=0)
+        client.agent_instances.get("inst-1")
+        with warnings.catch_warnings():  # 3.12+: fork with threads running warns; the child only makes a call
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:  # the child: one call, then leave without running cleanups
+            try:
+                client.agent_instances.get("inst-1")
+                os._exit(0)
+            except BaseException:
+                os._exit(1)
+        _, status = os.waitpid(pid, 0)
+        self.assertEqual(os.waitstatus_to_exitcode(status), 0)
+        client.agent_instances.get("inst-1")  # the parent's connection still works
+        self.assertEqual((server.connections, len(server.requests)), (2, 3))
 
     def test_connections_are_reused(self):
         server = self.serve([("reply", http_response(200, ok_body()))] * 3)
