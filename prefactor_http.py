@@ -163,8 +163,8 @@ class PrefactorApiError(PrefactorHttpError):
         message: str,
         code: str,
         status_code: int,
+        errors: Any = None,  # positional too: upstream's PrefactorValidationError takes it 4th
         *,
-        errors: Any = None,
         retry_after: float | None = None,
         body_snippet: str | None = None,
     ) -> None:

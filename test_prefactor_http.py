@@ -553,6 +553,12 @@ class StatusMappingTests(FaultTestCase):
         self.assertIn("not followed", str(caught.exception))
         self.assertEqual((server.connections, len(server.requests)), (1, 1))
 
+    def test_errors_construct_with_upstream_signatures(self):
+        err = ph.PrefactorValidationError("bad", "validation_error", 422, {"name": ["required"]})
+        self.assertEqual((err.errors, err.status_code, err.message), ({"name": ["required"]}, 422, "bad"))
+        self.assertIs(ph.PrefactorRetryExhaustedError("x", err).last_error, err)
+        self.assertEqual(ph.PrefactorResponseContractError("x", status_code=200, body_snippet="s").body_snippet, "s")
+
     def test_transient_and_permanent_classification(self):
         api = ph.PrefactorApiError
         cases = [
