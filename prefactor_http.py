@@ -862,9 +862,10 @@ def _random() -> float:
 
 class _DeadlineSocket(socket.socket):
     """A socket whose reads share one deadline, so a server trickling a byte a
-    second still cannot hold an attempt past ``request_timeout``."""
+    second still cannot hold an attempt past ``request_timeout``. The deadline is
+    set when the socket is made and again for every attempt."""
 
-    deadline = float("inf")
+    deadline: float
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
         _check_deadline(self)
@@ -872,13 +873,11 @@ class _DeadlineSocket(socket.socket):
 
 
 def _check_deadline(sock: Any) -> None:
-    """Shrink the socket timeout to what is left of the attempt (before the
-    first request, while connecting, the connect timeout applies as set)."""
-    if sock.deadline != float("inf"):
-        remaining = sock.deadline - _monotonic()
-        if remaining <= 0:
-            raise socket.timeout("timed out")
-        sock.settimeout(remaining)
+    """Shrink the socket timeout to what is left of the attempt."""
+    remaining = sock.deadline - _monotonic()
+    if remaining <= 0:
+        raise socket.timeout("timed out")
+    sock.settimeout(remaining)
 
 
 _TLS_SOCKET: Any = None
@@ -891,7 +890,7 @@ def _tls_socket_class() -> Any:
         import ssl
 
         class _DeadlineTLSSocket(ssl.SSLSocket):
-            deadline = float("inf")
+            deadline: float
 
             def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
                 _check_deadline(self)
@@ -908,6 +907,7 @@ def _open_socket(address: tuple[str, int], timeout: float, deadline: float) -> _
     error: OSError | None = None
     for family, kind, proto, _, addr in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
         sock = _DeadlineSocket(family, kind, proto)
+        sock.deadline = deadline  # bounds a proxy's CONNECT answer too
         try:
             sock.settimeout(max(min(timeout, deadline - _monotonic()), 0.001))
             sock.connect(addr)
@@ -1011,6 +1011,7 @@ class _Transport:
                     raise OSError(f"the proxy refused the tunnel: {answer.status} {answer.reason}")
             if self.tls:
                 sock = self._ssl_context().wrap_socket(sock, server_hostname=self.host)
+                sock.deadline = deadline
         except BaseException:
             sock.close()
             raise
@@ -1188,11 +1189,12 @@ def _read_response(reader: Any, method: str) -> tuple[_Response, bytes]:
         return response, _read_to_close(reader, status)
     if not length.isdigit():
         raise ValueError(f"bad Content-Length {length[:40]!r}")
-    if int(length) > _MAX_RESPONSE_BYTES:
-        raise _TooLarge(status, int(length))
-    data = reader.read(int(length))
-    if len(data) < int(length):
-        raise _CutShort(f"response cut short after {len(data)} of {length} bytes")
+    size = int(length)
+    if size > _MAX_RESPONSE_BYTES:
+        raise _TooLarge(status, size)
+    data = reader.read(size)
+    if len(data) < size:
+        raise _CutShort(f"response cut short after {len(data)} of {size} bytes")
     return response, data
 
 
