@@ -1,6 +1,6 @@
 """Compare prefactor_http with other clients, side by side, in one run.
 
-    benchmarks/.venv/bin/python benchmarks/bench.py [--quick]
+    benchmarks/.venv/bin/python benchmarks/bench.py [--quick] [--baseline REV]
 
 Needs nginx and openssl on PATH and the packages in benchmarks/requirements.txt
 (see the README). It makes a loopback certificate, starts nginx answering canned
@@ -149,7 +149,12 @@ def pct(values: list[float], q: float) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description="Compare prefactor_http with other clients.")
     parser.add_argument("--quick", action="store_true", help="fewer rounds: a smoke run, not for the README")
+    parser.add_argument("--baseline", metavar="REV", help="also measure prefactor_http.py as of this git revision")
     args = parser.parse_args()
+    if args.baseline:  # before/after in one run: the same noise falls on both
+        LABELS["ours-base"] = f"prefactor_http at {args.baseline}"
+        TARGETS.insert(1, "ours-base")
+        COLD_TARGETS.insert(1, "ours-base")
     for tool in ("nginx", "openssl"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is not on PATH; see the README's benchmark instructions")
@@ -168,10 +173,18 @@ def main() -> int:
     env.update(SSL_CERT_FILE=cert, REQUESTS_CA_BUNDLE=cert, BENCH_CWD=work, PYTHONDONTWRITEBYTECODE="1")
     # Our file as users run it: compiled once (as pip does for packages), and as a
     # bare copy that is compiled at every start (a read-only Lambda bundle without .pyc).
-    for name, compiled in (("BENCH_OURS", True), ("BENCH_OURS_SRC", False)):
+    for name, compiled in (("BENCH_OURS", True), ("BENCH_OURS_SRC", False), ("BENCH_OURS_BASE", True)):
         folder = os.path.join(work, name.lower())
         os.mkdir(folder)
-        shutil.copy(os.path.join(os.path.dirname(HERE), "prefactor_http.py"), folder)
+        if name == "BENCH_OURS_BASE":
+            if not args.baseline:
+                continue
+            source = subprocess.run(["git", "-C", HERE, "show", f"{args.baseline}:prefactor_http.py"],
+                                    check=True, capture_output=True).stdout  # fmt: skip
+            with open(os.path.join(folder, "prefactor_http.py"), "wb") as f:
+                f.write(source)
+        else:
+            shutil.copy(os.path.join(os.path.dirname(HERE), "prefactor_http.py"), folder)
         if compiled:
             import py_compile
 

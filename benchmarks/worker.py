@@ -41,10 +41,14 @@ def generic_request():
 # --------------------------------------------------------------------------- #
 
 
+def ours_folder(target):
+    """BENCH_OURS: a copy of prefactor_http.py, compiled (.pyc); "ours-nopyc" is the
+    same file without a .pyc, "ours-base" an earlier revision (bench.py --baseline)."""
+    return os.environ[{"ours-nopyc": "BENCH_OURS_SRC", "ours-base": "BENCH_OURS_BASE"}.get(target, "BENCH_OURS")]
+
+
 def target_ours(url):
-    # BENCH_OURS: a copy of prefactor_http.py, compiled (.pyc) unless the target is
-    # "ours-nopyc"; the driver sets both up.
-    folder = os.environ["BENCH_OURS_SRC" if sys.argv[2] == "ours-nopyc" else "BENCH_OURS"]
+    folder = ours_folder(sys.argv[2])
     sys.path.insert(0, folder)
     import prefactor_http as p
 
@@ -150,6 +154,7 @@ class Upstream:
 TARGETS = {
     "ours": target_ours,
     "ours-nopyc": target_ours,
+    "ours-base": target_ours,
     "floor": target_floor,
     "urllib": target_urllib,
     "requests": target_requests,
@@ -164,7 +169,7 @@ TARGETS = {
 
 def do_import(target, url):
     if target.startswith("ours"):
-        sys.path.insert(0, os.environ["BENCH_OURS_SRC" if target == "ours-nopyc" else "BENCH_OURS"])
+        sys.path.insert(0, ours_folder(target))
         import prefactor_http
     elif target == "upstream":
         import prefactor_http  # noqa: F401
