@@ -1113,7 +1113,8 @@ class AgentTests(ApiTestCase):
         self.assertEqual(self.last()["body"]["details"], {"name": "a1", "external_identifier": "ext-1"})
         self.assertEqual(agents.get(agent.id).name, "a1")
         updated = agents.update(agent.id, {"description": "d"})
-        self.assertEqual((self.last()["method"], self.last()["body"]), ("PUT", {"details": {"description": "d"}}))
+        self.assertEqual((self.last()["method"], self.last()["body"]["details"]), ("PUT", {"description": "d"}))
+        self.assertRegex(self.last()["body"]["idempotency_key"], r"^[0-9a-f-]{36}$")
         self.assertEqual(updated.description, "d")
         shown = agents.show(external_identifier="ext-1", include_counts=True)
         self.assertEqual(self.last()["query"], {"external_identifier": "ext-1", "include_counts": "true"})
@@ -1121,8 +1122,8 @@ class AgentTests(ApiTestCase):
         self.assertEqual(agents.retire(agent.id).status, "retired")
         self.assertEqual(set(self.last()["body"]), {"idempotency_key"})
         self.assertEqual(agents.reinstate(agent.id, idempotency_key="reinstate-1").status, "active")
-        agents.delete(agent.id)
-        self.assertEqual((self.last()["method"], self.last()["body"]), ("DELETE", None))
+        agents.delete(agent.id, idempotency_key="delete-1")
+        self.assertEqual((self.last()["method"], self.last()["body"]), ("DELETE", {"idempotency_key": "delete-1"}))
         self.assertEqual(self.api.agents, {})
 
     def test_list_and_lazy_iteration(self):
@@ -1433,11 +1434,11 @@ class CliTests(unittest.TestCase):
             self.assertRegex(ok.stdout, r"ok: .* in [\d.]+ ms")
             bad = self.run_cli("ping", url=api.url, token="wrong-token")
             self.assertEqual(bad.returncode, 2)
-            self.assertIn("auth failed", bad.stdout)
+            self.assertIn("auth failed", bad.stderr)
         gone = self.run_cli("ping", url=api_gone_url())
         self.assertEqual(gone.returncode, 3)
-        self.assertIn("network failure", gone.stdout)
-        self.assertNotIn(TOKEN, ok.stdout + bad.stdout + gone.stdout)
+        self.assertIn("network failure", gone.stderr)
+        self.assertNotIn(TOKEN, ok.stdout + bad.stdout + gone.stdout + bad.stderr + gone.stderr)
 
     def test_verbose_logs_each_attempt_without_the_token(self):
         with LocalApiServer(token=TOKEN) as api:
