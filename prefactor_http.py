@@ -25,7 +25,7 @@ resent on every retry; retries follow ``Retry-After``; one attempt never exceeds
 ``request_timeout`` and one call never exceeds ``total_timeout``; redirects are
 never followed and the token never appears in a repr, a message or a log line.
 
-``python -m prefactor_http demo`` shows it working against a local stand-in API.
+``python3 -m prefactor_http demo`` shows it working against a local stand-in API.
 """
 
 from __future__ import annotations
@@ -1524,12 +1524,9 @@ class _Agents(_Group):
         page_size: int | None = None,
     ) -> list[AgentSummary]:
         """One page of agents."""
-        filters = {
-            "risk_profile_id": risk_profile_id,
-            "team_id": team_id,
-            "owner_person_id": owner_person_id,
-            "sorting": sorting,
-        }
+        filters = dict(
+            risk_profile_id=risk_profile_id, team_id=team_id, owner_person_id=owner_person_id, sorting=sorting
+        )
         return self._page(filters, offset, page_size).summaries
 
     def iter_agents(
@@ -1541,12 +1538,9 @@ class _Agents(_Group):
         page_size: int | None = None,
     ) -> Iterator[AgentSummary]:
         """Every agent, page by page; a page is fetched when the last is used up."""
-        filters = {
-            "risk_profile_id": risk_profile_id,
-            "team_id": team_id,
-            "owner_person_id": owner_person_id,
-            "sorting": sorting,
-        }
+        filters = dict(
+            risk_profile_id=risk_profile_id, team_id=team_id, owner_person_id=owner_person_id, sorting=sorting
+        )
         offset: int | None = None
         while True:
             page = self._page(filters, offset, page_size)
@@ -1675,13 +1669,7 @@ class PrefactorHttpClient:
         method = method.upper()
         if method not in ("GET", "POST", "PUT", "PATCH", "DELETE"):
             raise ValueError(f"unsupported method {method!r}")
-        if (
-            not isinstance(path, str)
-            or not path.startswith("/")
-            or not path.isascii()
-            or not path.isprintable()
-            or any(c in path for c in " #")
-        ):
+        if not isinstance(path, str) or not re.fullmatch(r'/[!"$-~]*', path):  # printable ASCII but space, #
             raise ValueError(f"path must start with '/' and hold no spaces or '#', got {path!r}")
         extra = [("Idempotency-Key", _check_key(idempotency_key))] if idempotency_key else None
         keyed = isinstance(json_data, dict)  # only a JSON object can carry the key
@@ -2551,10 +2539,9 @@ def _cli_send(args: Any) -> int:
                 if len(chunk) >= args.chunk:
                     flush()
             flush()
-        if counts["rejected"]:
-            os.replace(temp, rejects)
-        elif os.path.exists(rejects):
-            os.remove(rejects)  # a clean run leaves no stale rejects behind
+        os.replace(temp, rejects)
+        if not counts["rejected"]:
+            os.remove(rejects)  # a clean run leaves no rejects file, not even an earlier one
     finally:
         if os.path.exists(temp):
             os.remove(temp)
