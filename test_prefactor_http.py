@@ -5,7 +5,7 @@ module) for behaviour, and ``FaultServer`` below, a raw-socket server that plays
 script of actions per connection to inject faults. ``sleep`` and ``random`` are
 injected into clients so backoff is asserted exactly and nothing waits.
 
-Run: ``python -m unittest -v`` (nothing to install) or ``pytest``.
+Run: ``python3 -m unittest -v`` (nothing to install) or ``pytest``.
 """
 
 from __future__ import annotations
