@@ -1565,20 +1565,25 @@ class EveryDoorIsIdempotentTests(ApiTestCase):
         self.assertEqual(len(sleeps), 2)
 
 
-def run_cli_in(folder, *args, url=None, token=TOKEN, stdin=None):
-    """``python3 -m prefactor_http ARGS`` in ``folder`` (the module found by PYTHONPATH)."""
+def start_cli_in(folder, *args, url=None, token=TOKEN):
+    """Start ``python3 -m prefactor_http ARGS`` in ``folder`` (the module found by PYTHONPATH)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFACTOR_")}
     env["PYTHONPATH"] = HERE
     if url:
         env.update(PREFACTOR_API_URL=url, PREFACTOR_API_TOKEN=token)
-    return subprocess.run(
-        [sys.executable, "-m", "prefactor_http", *args],
-        cwd=folder,
-        env=env,
-        input=stdin,
-        capture_output=True,
-        timeout=60,
+    pipe = subprocess.PIPE
+    return subprocess.Popen(
+        [sys.executable, "-m", "prefactor_http", *args], cwd=folder, env=env, stdin=pipe, stdout=pipe, stderr=pipe
     )
+
+
+def finish_cli(proc, stdin=None):
+    out, err = proc.communicate(stdin, timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_cli_in(folder, *args, stdin=None, **env):
+    return finish_cli(start_cli_in(folder, *args, **env), stdin)
 
 
 class CliNeverLosesALineTests(unittest.TestCase):
@@ -1719,15 +1724,19 @@ class CliConfigurationTests(unittest.TestCase):
         folder = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, folder)
         gone = api_gone_url()
-        for command in ("ping", "send", "demo"):
+        started = [
+            (command, args, start_cli_in(folder, *args, command))  # at once: each only starts and fails
+            for command in ("ping", "send", "demo")
             for args in (
                 ["--api-url", "ftp://example.com", "--api-token", TOKEN],
                 ["--api-url", gone, "--api-token", "two words"],
                 ["--api-url", gone, "--api-token", TOKEN, "--timeout", "0"],
                 ["--api-url", gone],
-            ):
-                with self.subTest(command=command, args=args):
-                    self.assert_one_line(run_cli_in(folder, *args, command, stdin=b""))
+            )
+        ]
+        for command, args, proc in started:
+            with self.subTest(command=command, args=args):
+                self.assert_one_line(finish_cli(proc, b""))
         self.assertEqual(os.listdir(folder), [])
 
     def test_options_go_before_or_after_the_command(self):
