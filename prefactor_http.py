@@ -2404,7 +2404,7 @@ def _cli_failure(error: BaseException) -> tuple[int, str]:
     refused or bad configuration, 3 network failure, 1 any other error answer."""
     cause = getattr(error, "last_error", None) or error
     if isinstance(cause, PrefactorAuthError):
-        return 2, f"auth failed: the token was refused ({cause}); check PREFACTOR_API_TOKEN"
+        return 2, f"auth failed: {cause}; check PREFACTOR_API_TOKEN"
     if isinstance(cause, PrefactorConnectionError):
         return 3, f"network failure: {error}; check PREFACTOR_API_URL, proxies and the network"
     if isinstance(cause, (ValueError, OSError)):
@@ -2480,7 +2480,8 @@ def _cli_send(args: Any) -> int:
     import tempfile
 
     config = _cli_config(args)
-    rejects, tty = os.path.abspath(args.rejects), sys.stderr.isatty()
+    rejects = os.path.abspath(args.rejects)
+    clear = "\r\x1b[K" if sys.stderr.isatty() else ""  # clears the progress line, shown on a terminal only
     text: Any = {"encoding": "utf-8", "errors": "surrogateescape", "newline": ""}  # lines kept byte for byte
     source = open(0 if args.file == "-" else args.file, closefd=args.file != "-", **text)  # noqa: SIM115
     handle, temp = tempfile.mkstemp(".tmp", ".prefactor-rejects-", os.path.dirname(rejects))
@@ -2493,7 +2494,7 @@ def _cli_send(args: Any) -> int:
         out.write(line if line.endswith("\n") else line + "\n")
         counts["rejected"] += 1
         if why:
-            print(f"rejected: {why}", file=sys.stderr)
+            print(f"{clear}rejected: {why}", file=sys.stderr)
 
     def flush() -> None:
         outputs: dict[str, Any] = {}
@@ -2505,7 +2506,7 @@ def _cli_send(args: Any) -> int:
             if code > 1:  # token refused or API unreachable: send nothing more
                 stop.append((code, message))
             else:
-                print(f"rejected: lines {chunk[0][0]}-{chunk[-1][0]}: {message}", file=sys.stderr)
+                print(f"{clear}rejected: lines {chunk[0][0]}-{chunk[-1][0]}: {message}", file=sys.stderr)
         for number, line, item in chunk:
             output = outputs.get(item["idempotency_key"])
             if output is not None and output.status == "success":
@@ -2514,8 +2515,8 @@ def _cli_send(args: Any) -> int:
                 why = f"{output.code}: {output.message}" if output else "not processed (an earlier item failed)"
                 reject(line, f"line {number}: {why}" if outputs else None)
         chunk.clear()
-        if tty:
-            print(f"\r{counts['ok']} sent, {counts['rejected']} rejected", end="", file=sys.stderr)
+        if clear:
+            print(f"{clear}{counts['ok']} sent, {counts['rejected']} rejected", end="", file=sys.stderr)
 
     try:
         with PrefactorHttpClient(config) as client, source, open(handle, "w", **text) as out:
@@ -2545,8 +2546,7 @@ def _cli_send(args: Any) -> int:
     finally:
         if os.path.exists(temp):
             os.remove(temp)
-    if tty:
-        print(file=sys.stderr)  # end the progress line
+    print(clear, end="", file=sys.stderr)
     written = f"; rejects written to {rejects}" if counts["rejected"] else ""
     print(f"{counts['ok']} sent, {counts['rejected']} rejected{written}")
     if stop:
