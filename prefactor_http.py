@@ -20,7 +20,7 @@ Quick start::
         client.agent_spans.finish(span.id, status="complete")
         client.agent_instances.finish(inst.id, status="complete")
 
-Promises: connections are reused; every POST carries an idempotency key that is
+Promises: connections are reused; every POST, PUT and DELETE carries a key that is
 resent on every retry; retries follow ``Retry-After``; one attempt never exceeds
 ``request_timeout`` and one call never exceeds ``total_timeout``; redirects are
 never followed and the token never appears in a repr, a message or a log line.
