@@ -82,6 +82,7 @@ import socket
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -203,6 +204,8 @@ class PrefactorConnectionError(PrefactorHttpError):
     does not verify).
     """
 
+    _stale = False  # set by the transport: a reused connection failed before any byte of its answer
+
     def __init__(self, message: str, *, transient: bool = True) -> None:
         super().__init__(message)
         self.transient = transient
@@ -302,7 +305,8 @@ class HttpClientConfig:
 
     The fields of the upstream client keep their names and defaults. New:
     ``total_timeout`` bounds a whole call with its retries and waits (set it from
-    a Lambda's remaining time), ``ca_file`` adds a CA bundle (a corporate proxy's),
+    a Lambda's remaining time), ``keepalive_timeout`` retires idle connections (a
+    NAT gateway forgets them), ``ca_file`` adds a CA bundle (a corporate proxy's),
     ``trust_env`` honours ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY``.
     """
 
@@ -317,6 +321,7 @@ class HttpClientConfig:
     retry_on_status_codes: tuple[int, ...] = (429, 500, 502, 503, 504)
     default_idempotency_key: str | None = None
     total_timeout: float | None = None
+    keepalive_timeout: float = 15.0
     ca_file: str | None = None
     trust_env: bool = True
 
@@ -337,6 +342,7 @@ class HttpClientConfig:
         _check_header_value("api_token", self.api_token)
         for name in ("request_timeout", "connect_timeout", "initial_retry_delay", "max_retry_delay"):
             _positive(name, getattr(self, name))
+        _positive("keepalive_timeout", self.keepalive_timeout)
         if self.total_timeout is not None:
             _positive("total_timeout", self.total_timeout)
         if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int):
@@ -901,11 +907,11 @@ def _tls_socket_class() -> Any:
 
 
 def _open_socket(address: tuple[str, int], timeout: float, deadline: float) -> _DeadlineSocket:
-    """socket.create_connection, but the socket is a _DeadlineSocket and trying
-    one address after another stays within the attempt's deadline."""
+    """socket.create_connection, but the socket is a _DeadlineSocket, and name
+    resolution and trying one address after another stay within the deadline."""
     host, port = address
     error: OSError | None = None
-    for family, kind, proto, _, addr in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+    for family, kind, proto, _, addr in _resolve(host, port, min(_monotonic() + timeout, deadline)):
         sock = _DeadlineSocket(family, kind, proto)
         sock.deadline = deadline  # bounds a proxy's CONNECT answer too
         try:
@@ -918,13 +924,45 @@ def _open_socket(address: tuple[str, int], timeout: float, deadline: float) -> _
     raise error or OSError(f"no address found for {host}")
 
 
-def _proxy_for(scheme: str, host: str) -> str | None:
-    """The proxy URL for a request, read from the environment as curl does."""
+_getaddrinfo = socket.getaddrinfo  # replaceable in tests by a resolver that never answers
+
+
+def _resolve(host: str, port: int, deadline: float) -> list[Any]:
+    """getaddrinfo has no timeout: it runs in a daemon thread, waited for until the
+    deadline (only when a connection is opened; an IP needs no lookup)."""
+    try:
+        return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        result: list[Any] = [socket.timeout(f"cannot resolve {host} in time")]
+
+    def resolve() -> None:
+        try:
+            result[0] = _getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+        except BaseException as exc:  # handed to the caller
+            result[0] = exc
+
+    thread = threading.Thread(target=resolve, daemon=True)
+    thread.start()
+    thread.join(max(deadline - _monotonic(), 0))
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]  # type: ignore[no-any-return]
+
+
+def _proxy_for(scheme: str, host: str, port: int) -> str | None:
+    """The proxy URL for a request, read from the environment as curl does. NO_PROXY
+    entries: a name (and its subdomains) or an IP, with an optional port (``[::1]:443``)."""
     env = os.environ
     no_proxy = env.get("no_proxy", env.get("NO_PROXY", ""))
     for entry in no_proxy.replace(" ", "").lower().split(","):
-        entry = entry.lstrip(".").split(":")[0] if entry != "*" else entry
-        if entry == "*" or (entry and (host == entry or host.endswith("." + entry))):
+        name, entry_port = entry, ""
+        if entry.startswith("["):
+            name, _, entry_port = entry[1:].partition("]")
+            entry_port = entry_port[1:]
+        elif entry.count(":") == 1:
+            name, _, entry_port = entry.partition(":")
+        name = name.lstrip(".")
+        if entry == "*" or (name and (host == name or host.endswith("." + name)) and entry_port in ("", str(port))):
             return None
     names = [f"{scheme}_proxy", "all_proxy", "ALL_PROXY"]
     if scheme == "https" or "REQUEST_METHOD" not in env:  # CGI: HTTP_PROXY is a header
@@ -947,9 +985,9 @@ class _Transport:
         self.tls = parts.scheme == "https"
         self.host: str = parts.hostname  # type: ignore[assignment]
         self.port = parts.port or (443 if self.tls else 80)
-        self.connect_timeout = config.connect_timeout
-        self.ca_file = config.ca_file
+        self.config = config  # read at each use: a Lambda may change timeouts between calls
         self.secrets = [config.api_token]
+        self._redactor: Any = None
         self.proxy: tuple[str, int] | None = None
         self.proxy_auth: str | None = None
         self.target_prefix = parts.path.rstrip("/")
@@ -957,7 +995,7 @@ class _Transport:
         self.authority = (f"[{self.host}]" if ":" in self.host else self.host) + (
             "" if default_port else f":{self.port}"
         )
-        proxy = _proxy_for(parts.scheme, self.host.lower()) if config.trust_env else None
+        proxy = _proxy_for(parts.scheme, self.host.lower(), self.port) if config.trust_env else None
         if proxy:
             self._use_proxy(proxy)
         if self.proxy and not self.tls:  # plain HTTP through a proxy: absolute URL, credentials inline
@@ -966,16 +1004,24 @@ class _Transport:
                 headers = [*headers, ("Proxy-Authorization", self.proxy_auth)]
         self.head = "".join(f"{k}: {v}\r\n" for k, v in [("Host", self.authority), *headers]).encode()
         self._context: ssl.SSLContext | None = None
-        self._local = threading.local()
+        self._local = threading.local()  # a thread's connection, closed when the thread ends
         self._lock = threading.Lock()
-        self._open: set[_Connection] = set()
+        self._open: dict[Any, Any] = {}  # socket -> reader, for close(); not the connections themselves
         self.closed = False
 
     def _use_proxy(self, url: str) -> None:
-        proxy = urlsplit(url if "://" in url else "http://" + url)
-        if proxy.scheme != "http" or not proxy.hostname:
-            raise ValueError("only http:// proxies are supported (the proxy URL is not shown)")
-        self.proxy = (proxy.hostname, proxy.port or 8080)
+        try:  # urlsplit's and .port's own errors may quote the password
+            proxy: Any = urlsplit(url if "://" in url else "http://" + url)
+            self.proxy = (proxy.hostname, proxy.port or 8080)
+            if proxy.scheme != "http" or not proxy.hostname or "@" in proxy.path + proxy.query + proxy.fragment:
+                raise ValueError  # an unencoded '/', '?' or '#' ended the password early
+        except ValueError:
+            proxy = None
+        if proxy is None:
+            raise ValueError(
+                "the proxy URL must be http://[user:password@]host[:port], with '/', '?', '#' and"
+                " '@' in the user or password percent-encoded (the URL is not shown)"
+            )
         if proxy.username is not None:
             from base64 import b64encode
             from urllib.parse import unquote
@@ -983,77 +1029,85 @@ class _Transport:
             user, password = unquote(proxy.username), unquote(proxy.password or "")
             token = b64encode(f"{user}:{password}".encode()).decode()
             self.proxy_auth = "Basic " + token
-            self.secrets += [s for s in (password, token) if len(s) >= 4]
+            self.secrets += [password, token]
 
     def _ssl_context(self) -> ssl.SSLContext:
         if self._context is None:
             import ssl
 
             context = ssl.create_default_context()  # verified; honours SSL_CERT_FILE
-            if self.ca_file:
-                context.load_verify_locations(cafile=self.ca_file)
+            if self.config.ca_file:
+                context.load_verify_locations(cafile=self.config.ca_file)
             context.sslsocket_class = _tls_socket_class()
             self._context = context
         return self._context
 
     def _connect(self, deadline: float) -> _Connection:
         """A new connection (through the proxy's tunnel, TLS verified) for this thread."""
-        timeout = max(min(self.connect_timeout, deadline - _monotonic()), 0.001)  # for each step of connecting
+        timeout = max(min(self.config.connect_timeout, deadline - _monotonic()), 0.001)  # for each step
         sock: Any = _open_socket(self.proxy or (self.host, self.port), timeout, deadline)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.proxy and self.tls:
                 auth = f"Proxy-Authorization: {self.proxy_auth}\r\n" if self.proxy_auth else ""
-                sock.sendall(f"CONNECT {self.authority} HTTP/1.1\r\nHost: {self.authority}\r\n{auth}\r\n".encode())
+                target = ("[%s]:%d" if ":" in self.host else "%s:%d") % (self.host, self.port)  # always with port
+                sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{auth}\r\n".encode())
                 with sock.makefile("rb") as reader:  # nothing follows the answer until TLS starts
                     answer, _ = _read_response(reader, "CONNECT")
-                if answer.status != 200:
-                    raise OSError(f"the proxy refused the tunnel: {answer.status} {answer.reason}")
+                if answer.status != 200:  # a 407 (credentials) or 403 is not fixed by trying again
+                    why = self.redact(f"{answer.status} {answer.reason}")
+                    text = f"proxy {self.proxy[0]}:{self.proxy[1]} refused the tunnel to {target}: {why}"
+                    raise PrefactorConnectionError(text, transient=_transient_status(answer.status))
             if self.tls:
                 sock = self._ssl_context().wrap_socket(sock, server_hostname=self.host)
                 sock.deadline = deadline
         except BaseException:
             sock.close()
             raise
-        conn = _Connection(sock)
+        conn = _Connection(sock, self._open)
         with self._lock:
             if self.closed:  # close() ran while this call was under way
                 conn.close()
                 raise PrefactorClientError("the client was closed during the call")
-            self._open.add(conn)
+            self._open[sock] = conn.reader
         self._local.conn = conn
         return conn
 
     def _drop(self, conn: _Connection) -> None:
         self._local.conn = None
-        with self._lock:
-            self._open.discard(conn)
         conn.close()
 
     def close(self) -> None:
         with self._lock:
             self.closed = True
-            conns, self._open = self._open, set()
-        for conn in conns:
-            conn.close()
+            conns, self._open = self._open, {}
+        for sock, reader in list(conns.items()):
+            reader.close()
+            sock.close()
 
     def redact(self, text: str) -> str:
-        for secret in self.secrets:
-            if secret and secret in text:
-                text = text.replace(secret, "[REDACTED]")
-        return text
+        """Each secret out of a text: as it is, JSON- or %-escaped, or its first
+        8+ characters (a cut), so what a server echoes shows none of it."""
+        if self._redactor is None:
+            self._redactor = _redactor(self.secrets)
+        return self._redactor.sub("[REDACTED]", text)  # type: ignore[no-any-return]
 
     def round_trip(
         self, method: str, path: str, head: bytes, body: bytes | None, deadline: float, timeout_text: str
     ) -> tuple[_Response, bytes]:
-        """One attempt: send, read the whole answer. Raises our errors only."""
+        """One attempt: send, read the whole answer. Raises our errors only; one
+        marked ``stale`` failed on a reused connection before any byte of its answer."""
         conn: _Connection | None = getattr(self._local, "conn", None)
+        reused = answered = False
         try:
-            if conn is not None and (conn.was_closed() or conn.pid != os.getpid()):
-                self._drop(conn)  # closed by the server while idle (or forked): reconnect, free of charge
+            if conn is not None and (
+                _monotonic() - conn.used > self.config.keepalive_timeout or conn.was_closed() or conn.pid != os.getpid()
+            ):
+                self._drop(conn)  # idle too long, closed by the server while idle, or forked: a new one, free
                 conn = None
+            reused = conn is not None
             if conn is None:
-                connect_timeout = min(self.connect_timeout, deadline - _monotonic())
+                connect_timeout = min(self.config.connect_timeout, deadline - _monotonic())
                 timeout_text, request_text = f"no connection within {connect_timeout:.3g}s", timeout_text
                 conn = self._connect(deadline)
                 timeout_text = request_text
@@ -1063,7 +1117,9 @@ class _Transport:
             sock.sendall(f"{method} {self.target_prefix}{path} HTTP/1.1\r\n".encode() + self.head + head)
             if body:
                 sock.sendall(body)  # apart from the head, as http.client does: one send was 2x slower on nginx
+            answered = not reused or bool(conn.reader.peek(1))  # the recv the reader makes anyway
             response, data = _read_response(conn.reader, method)
+            conn.used = _monotonic()
             if response.will_close:
                 self._drop(conn)
             return response, data
@@ -1077,12 +1133,15 @@ class _Transport:
         except (OSError, ValueError) as exc:
             if conn is not None:
                 self._drop(conn)
-            raise self._translate(exc, method, path, timeout_text) from exc
+            error = self._translate(exc, method, path, timeout_text)
+            error._stale = reused and not answered and not isinstance(error, PrefactorTimeoutError)
+            raise error from exc
 
-    def _translate(self, exc: BaseException, method: str, path: str, timeout_text: str) -> PrefactorHttpError:
-        """Map one socket, ssl or parsing failure to our error classes."""
-        if exc.args and any(isinstance(a, str) and self.redact(a) != a for a in exc.args):
-            exc.args = tuple(self.redact(a) if isinstance(a, str) else a for a in exc.args)
+    def _translate(self, exc: BaseException, method: str, path: str, timeout_text: str) -> PrefactorConnectionError:
+        """Map one socket, ssl or parsing failure to our error classes; the
+        failure itself (our error's cause) is redacted and its own chain cut."""
+        exc.args = tuple(self.redact(a) if isinstance(a, str) else a for a in exc.args)
+        exc.__cause__ = exc.__context__ = None  # a parse error's cause holds the raw bytes
         where = f"{method} {path}"
         name = type(exc).__name__
         if isinstance(exc, socket.timeout) or name == "TimeoutError":
@@ -1093,11 +1152,12 @@ class _Transport:
                 f" ({getattr(exc, 'verify_message', exc)}); set ca_file if a proxy re-signs traffic",
                 transient=False,
             )
+        host, port = self.proxy or (self.host, self.port)
+        via = "proxy " if self.proxy else ""
         if isinstance(exc, socket.gaierror):
-            return PrefactorConnectionError(f"{where}: cannot resolve {self.host}: {exc}")
+            return PrefactorConnectionError(f"{where}: cannot resolve {via}{host}: {exc}")
         if isinstance(exc, ConnectionRefusedError):
-            host, port = self.proxy or (self.host, self.port)
-            return PrefactorConnectionError(f"{where}: connection refused by {host}:{port}")
+            return PrefactorConnectionError(f"{where}: connection refused by {via}{host}:{port}")
         if isinstance(exc, _CutShort):
             return PrefactorConnectionError(f"{where}: {exc}")
         if isinstance(exc, ValueError):
@@ -1105,21 +1165,43 @@ class _Transport:
         return PrefactorConnectionError(f"{where}: {name}: {self.redact(str(exc))[:200]}")
 
 
+def _redactor(secrets: list[str]) -> re.Pattern[str]:
+    """One pattern for all secrets, each character as it is or JSON- or %-escaped:
+    the whole secret or (cut by a length limit) its first 8 or more characters; a
+    secret under 4 characters only where it is not part of a longer word."""
+
+    def unit(c: str) -> str:
+        return f"(?:{re.escape(c)}|\\\\u(?i:{ord(c):04x})|%(?i:{ord(c):02x})|\\\\{re.escape(c)})"
+
+    patterns = []
+    for secret in filter(None, secrets):
+        head = "".join(map(unit, secret[:8]))
+        rest = "[" + re.escape("".join(set(secret[8:]))) + "]|\\\\u[0-9a-fA-F]{4}|%[0-9a-fA-F]{2}|\\\\."
+        patterns.append(f"(?<!\\w){head}(?!\\w)" if len(secret) < 4 else head + f"(?:{rest})*" * (len(secret) > 8))
+    return re.compile("|".join(patterns))
+
+
 class _Connection:
     """One kept-alive connection: its socket, the buffered reader its answers are
-    read from, and the check for a close by the server while idle."""
+    read from, the check for a close by the server while idle, and when it was
+    last used. Dropped unclosed (its thread ended), it closes itself."""
 
-    __slots__ = ("pid", "reader", "sock", "was_closed")
+    __slots__ = ("pid", "pool", "reader", "sock", "used", "was_closed")
 
-    def __init__(self, sock: Any) -> None:
+    def __init__(self, sock: Any, pool: dict[Any, Any]) -> None:
         self.sock = sock
+        self.pool = pool  # the transport's open sockets
         self.reader = sock.makefile("rb")  # kept: no bytes are read past an answer
         self.was_closed = _closed_check(sock)
         self.pid = os.getpid()  # a forked child must not talk on its parent's connection
+        self.used = _monotonic()
 
     def close(self) -> None:
+        self.pool.pop(self.sock, None)
         self.reader.close()
         self.sock.close()
+
+    __del__ = close
 
 
 class _TooLarge(Exception):
@@ -1255,7 +1337,7 @@ class _Group:
     __slots__ = ("_client",)
 
     def __init__(self, client: PrefactorHttpClient) -> None:
-        self._client = client
+        self._client = weakref.proxy(client)  # no cycle: a client dropped unclosed is freed at once
 
 
 class _AgentInstances(_Group):
@@ -1704,9 +1786,9 @@ class PrefactorHttpClient:
         if self._closed:
             raise PrefactorClientError("the client is closed")
         if query:
-            path += "?" + urlencode({k: _query_value(v) for k, v in query.items()})
+            path += ("&" if "?" in path else "?") + urlencode({k: _query_value(v) for k, v in query.items()})
         payload = None
-        head = b"\r\n"
+        head = b"\r\n" if method == "GET" else b"Content-Length: 0\r\n\r\n"
         if body is not None:
             payload = _encode_body(body, operation) if isinstance(body, dict) else _encode(body).encode()
             head = b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(payload)
@@ -1716,6 +1798,7 @@ class PrefactorHttpClient:
         start = _monotonic()
         total_deadline = start + config.total_timeout if config.total_timeout else float("inf")
         attempt = 0
+        resend = True  # once per call
         while True:
             began = _monotonic()
             deadline = min(began + config.request_timeout, total_deadline)
@@ -1729,6 +1812,10 @@ class PrefactorHttpClient:
                 result = self._interpret(response, data, method, path)
             except PrefactorHttpError as error:
                 self._log(method, path, attempt, began, error)
+                if getattr(error, "_stale", False) and resend:  # a kept-alive connection had died (promise 1)
+                    resend = False  # so send again at once, for free, if safe: a GET, or the key travels with it
+                    if method == "GET" or b"dempotency" in head + (payload or b""):  # Idempotency-Key, idempotency_key
+                        continue
                 delay = self._retry_delay(error, attempt, total_deadline)
                 if delay is None:
                     raise
@@ -1769,26 +1856,22 @@ class PrefactorHttpClient:
         return delay
 
     def _interpret(self, response: _Response, data: bytes, method: str, path: str) -> dict[str, Any]:
-        status = response.status
+        status, redact = response.status, self._transport.redact
         if 200 <= status < 300:
+            cause = None
             try:
                 result = _decode(data.decode())
-            except ValueError as exc:
-                snippet = _snippet(self._transport.redact(data.decode("utf-8", "replace")))
-                raise PrefactorResponseContractError(
-                    f"{method} {path}: expected JSON, got {response.getheader('Content-Type') or 'no type'}: {snippet}",
-                    status_code=status,
-                    body_snippet=snippet,
-                    cause=exc,
-                ) from None
-            if not isinstance(result, dict):
-                raise PrefactorResponseContractError(
-                    f"{method} {path}: expected a JSON object, got {type(result).__name__}",
-                    status_code=status,
-                    body_snippet=_snippet(self._transport.redact(data.decode("utf-8", "replace"))),
-                )
-            return result
-        text = self._transport.redact(data.decode("utf-8", "replace"))
+            except ValueError as exc:  # it holds the raw body (.doc, .object): neither kept nor chained
+                result, cause = None, ValueError(redact(str(exc)))
+            if isinstance(result, dict):
+                return result
+            snippet = _snippet(redact(data.decode("utf-8", "replace")))
+            kind = response.getheader("Content-Type") or "no type"
+            expected = f"JSON, got {kind}: {snippet}" if cause else f"a JSON object, got {type(result).__name__}"
+            raise PrefactorResponseContractError(
+                redact(f"{method} {path}: expected {expected}"), status_code=status, body_snippet=snippet, cause=cause
+            )
+        text = redact(data.decode("utf-8", "replace"))
         retry_after = _parse_retry_after(response.getheader("Retry-After"))
         try:
             envelope = json.loads(text) if text else None
@@ -1801,13 +1884,14 @@ class PrefactorHttpClient:
         else:
             code, message, errors, snippet = None, None, None, _snippet(text)
             if 300 <= status < 400:
-                message = f"{method} {path}: redirect to {_snippet(response.getheader('Location') or '?')} not followed"
+                location = _snippet(redact(response.getheader("Location") or "?"))
+                message = f"{method} {path}: redirect to {location} not followed"
         if not message:
             kind = response.getheader("Content-Type") or "no content type"
             message = f"{method} {path}: HTTP {status} ({kind})" + (f": {snippet}" if snippet else "")
         cls = _STATUS_ERRORS.get(status, PrefactorApiError)
         raise cls(
-            str(message), str(code or "unknown"), status, errors=errors, retry_after=retry_after, body_snippet=snippet
+            redact(str(message)), str(code or "unknown"), status, errors, retry_after=retry_after, body_snippet=snippet
         )
 
     def _log(self, method: str, path: str, attempt: int, began: float, outcome: Any) -> None:
