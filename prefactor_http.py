@@ -886,24 +886,19 @@ def _check_deadline(sock: Any) -> None:
     sock.settimeout(remaining)
 
 
-_TLS_SOCKET: Any = None
-
-
+@lru_cache(maxsize=1)
 def _tls_socket_class() -> Any:
     """The TLS twin of _DeadlineSocket, made when the first https URL needs it."""
-    global _TLS_SOCKET
-    if _TLS_SOCKET is None:
-        import ssl
+    import ssl
 
-        class _DeadlineTLSSocket(ssl.SSLSocket):
-            deadline: float
+    class _DeadlineTLSSocket(ssl.SSLSocket):
+        deadline: float
 
-            def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
-                _check_deadline(self)
-                return super().recv_into(buffer, nbytes, flags)  # type: ignore[arg-type,unused-ignore]
+        def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
+            _check_deadline(self)
+            return super().recv_into(buffer, nbytes, flags)  # type: ignore[arg-type,unused-ignore]
 
-        _TLS_SOCKET = _DeadlineTLSSocket
-    return _TLS_SOCKET
+    return _DeadlineTLSSocket
 
 
 def _open_socket(address: tuple[str, int], timeout: float, deadline: float) -> _DeadlineSocket:
@@ -928,8 +923,7 @@ _getaddrinfo = socket.getaddrinfo  # replaceable in tests by a resolver that nev
 
 
 def _resolve(host: str, port: int, deadline: float) -> list[Any]:
-    """getaddrinfo has no timeout: it runs in a daemon thread, waited for until the
-    deadline (only when a connection is opened; an IP needs no lookup)."""
+    """getaddrinfo (which has no timeout) in a daemon thread, waited for until the deadline."""
     try:
         return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
     except socket.gaierror:
@@ -955,20 +949,13 @@ def _proxy_for(scheme: str, host: str, port: int) -> str | None:
     env = os.environ
     no_proxy = env.get("no_proxy", env.get("NO_PROXY", ""))
     for entry in no_proxy.replace(" ", "").lower().split(","):
-        name, entry_port = entry, ""
-        if entry.startswith("["):
-            name, _, entry_port = entry[1:].partition("]")
-            entry_port = entry_port[1:]
-        elif entry.count(":") == 1:
-            name, _, entry_port = entry.partition(":")
-        name = name.lstrip(".")
+        with_port = entry.count(":") == 1 or (entry.startswith("[") and "]:" in entry)  # not "::1"
+        name, _, entry_port = entry.rpartition(":") if with_port else (entry, "", "")
+        name = name.strip("[]").lstrip(".")
         if entry == "*" or (name and (host == name or host.endswith("." + name)) and entry_port in ("", str(port))):
             return None
-    names = [f"{scheme}_proxy", "all_proxy", "ALL_PROXY"]
-    if scheme == "https" or "REQUEST_METHOD" not in env:  # CGI: HTTP_PROXY is a header
-        names.insert(1, f"{scheme.upper()}_PROXY")
-    for name in names:
-        if env.get(name):
+    for name in (f"{scheme}_proxy", f"{scheme.upper()}_PROXY", "all_proxy", "ALL_PROXY"):
+        if env.get(name) and (name != "HTTP_PROXY" or "REQUEST_METHOD" not in env):  # CGI: HTTP_PROXY is a header
             return env[name]
     return None
 
@@ -987,14 +974,12 @@ class _Transport:
         self.port = parts.port or (443 if self.tls else 80)
         self.config = config  # read at each use: a Lambda may change timeouts between calls
         self.secrets = [config.api_token]
-        self._redactor: Any = None
         self.proxy: tuple[str, int] | None = None
         self.proxy_auth: str | None = None
         self.target_prefix = parts.path.rstrip("/")
-        default_port = self.port == (443 if self.tls else 80)
-        self.authority = (f"[{self.host}]" if ":" in self.host else self.host) + (
-            "" if default_port else f":{self.port}"
-        )
+        bracketed = f"[{self.host}]" if ":" in self.host else self.host
+        self.target = f"{bracketed}:{self.port}"  # CONNECT's, always with the port
+        self.authority = bracketed if self.port == (443 if self.tls else 80) else self.target
         proxy = _proxy_for(parts.scheme, self.host.lower(), self.port) if config.trust_env else None
         if proxy:
             self._use_proxy(proxy)
@@ -1010,18 +995,14 @@ class _Transport:
         self.closed = False
 
     def _use_proxy(self, url: str) -> None:
-        try:  # urlsplit's and .port's own errors may quote the password
+        try:  # urlsplit's and .port's own errors may quote the password; an unencoded '/?#' ends it early
             proxy: Any = urlsplit(url if "://" in url else "http://" + url)
             self.proxy = (proxy.hostname, proxy.port or 8080)
-            if proxy.scheme != "http" or not proxy.hostname or "@" in proxy.path + proxy.query + proxy.fragment:
-                raise ValueError  # an unencoded '/', '?' or '#' ended the password early
+            valid = proxy.scheme == "http" and proxy.hostname and "@" not in proxy.path + proxy.query + proxy.fragment
         except ValueError:
-            proxy = None
-        if proxy is None:
-            raise ValueError(
-                "the proxy URL must be http://[user:password@]host[:port], with '/', '?', '#' and"
-                " '@' in the user or password percent-encoded (the URL is not shown)"
-            )
+            valid = False
+        if not valid:
+            raise ValueError("the proxy URL (not shown) must be http://[user:pass@]host[:port], '/?#@' percent-encoded")
         if proxy.username is not None:
             from base64 import b64encode
             from urllib.parse import unquote
@@ -1050,13 +1031,12 @@ class _Transport:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.proxy and self.tls:
                 auth = f"Proxy-Authorization: {self.proxy_auth}\r\n" if self.proxy_auth else ""
-                target = ("[%s]:%d" if ":" in self.host else "%s:%d") % (self.host, self.port)  # always with port
-                sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{auth}\r\n".encode())
+                sock.sendall(f"CONNECT {self.target} HTTP/1.1\r\nHost: {self.target}\r\n{auth}\r\n".encode())
                 with sock.makefile("rb") as reader:  # nothing follows the answer until TLS starts
                     answer, _ = _read_response(reader, "CONNECT")
                 if answer.status != 200:  # a 407 (credentials) or 403 is not fixed by trying again
                     why = self.redact(f"{answer.status} {answer.reason}")
-                    text = f"proxy {self.proxy[0]}:{self.proxy[1]} refused the tunnel to {target}: {why}"
+                    text = f"proxy {self.proxy[0]}:{self.proxy[1]} refused the tunnel to {self.target}: {why}"
                     raise PrefactorConnectionError(text, transient=_transient_status(answer.status))
             if self.tls:
                 sock = self._ssl_context().wrap_socket(sock, server_hostname=self.host)
@@ -1086,17 +1066,12 @@ class _Transport:
             sock.close()
 
     def redact(self, text: str) -> str:
-        """Each secret out of a text: as it is, JSON- or %-escaped, or its first
-        8+ characters (a cut), so what a server echoes shows none of it."""
-        if self._redactor is None:
-            self._redactor = _redactor(self.secrets)
-        return self._redactor.sub("[REDACTED]", text)  # type: ignore[no-any-return]
+        return _redactor(*self.secrets).sub("[REDACTED]", text)
 
     def round_trip(
         self, method: str, path: str, head: bytes, body: bytes | None, deadline: float, timeout_text: str
     ) -> tuple[_Response, bytes]:
-        """One attempt: send, read the whole answer. Raises our errors only; one
-        marked ``stale`` failed on a reused connection before any byte of its answer."""
+        """One attempt: send, read the whole answer. Raises our errors only."""
         conn: _Connection | None = getattr(self._local, "conn", None)
         reused = answered = False
         try:
@@ -1107,10 +1082,9 @@ class _Transport:
                 conn = None
             reused = conn is not None
             if conn is None:
-                connect_timeout = min(self.config.connect_timeout, deadline - _monotonic())
-                timeout_text, request_text = f"no connection within {connect_timeout:.3g}s", timeout_text
-                conn = self._connect(deadline)
-                timeout_text = request_text
+                wait = min(self.config.connect_timeout, deadline - _monotonic())
+                text, timeout_text = timeout_text, f"no connection within {wait:.3g}s"
+                conn, timeout_text = self._connect(deadline), text
             sock = conn.sock
             sock.deadline = deadline
             sock.settimeout(max(deadline - _monotonic(), 0.001))
@@ -1138,8 +1112,7 @@ class _Transport:
             raise error from exc
 
     def _translate(self, exc: BaseException, method: str, path: str, timeout_text: str) -> PrefactorConnectionError:
-        """Map one socket, ssl or parsing failure to our error classes; the
-        failure itself (our error's cause) is redacted and its own chain cut."""
+        """Map one socket, ssl or parsing failure to our errors (it stays the cause, redacted)."""
         exc.args = tuple(self.redact(a) if isinstance(a, str) else a for a in exc.args)
         exc.__cause__ = exc.__context__ = None  # a parse error's cause holds the raw bytes
         where = f"{method} {path}"
@@ -1165,8 +1138,9 @@ class _Transport:
         return PrefactorConnectionError(f"{where}: {name}: {self.redact(str(exc))[:200]}")
 
 
-def _redactor(secrets: list[str]) -> re.Pattern[str]:
-    """One pattern for all secrets, each character as it is or JSON- or %-escaped:
+@lru_cache(maxsize=8)  # made on the first error, not at start
+def _redactor(*secrets: str) -> re.Pattern[str]:
+    """One pattern for the secrets, each character as it is or JSON- or %-escaped:
     the whole secret or (cut by a length limit) its first 8 or more characters; a
     secret under 4 characters only where it is not part of a longer word."""
 
@@ -1182,9 +1156,8 @@ def _redactor(secrets: list[str]) -> re.Pattern[str]:
 
 
 class _Connection:
-    """One kept-alive connection: its socket, the buffered reader its answers are
-    read from, the check for a close by the server while idle, and when it was
-    last used. Dropped unclosed (its thread ended), it closes itself."""
+    """One kept-alive connection: socket, buffered reader, idle-close check, last use.
+    Dropped unclosed (its thread ended, its client was dropped), it closes itself."""
 
     __slots__ = ("pid", "pool", "reader", "sock", "used", "was_closed")
 
@@ -1755,13 +1728,7 @@ class PrefactorHttpClient:
         method = method.upper()
         if method not in ("GET", "POST", "PUT", "PATCH", "DELETE"):
             raise ValueError(f"unsupported method {method!r}")
-        if (
-            not isinstance(path, str)
-            or not path.startswith("/")
-            or not path.isascii()
-            or not path.isprintable()
-            or any(c in path for c in " #")
-        ):
+        if not isinstance(path, str) or not re.fullmatch(r'/[!"$-~]*', path):  # printable ASCII, no space or '#'
             raise ValueError(f"path must start with '/' and hold no spaces or '#', got {path!r}")
         extra = [("Idempotency-Key", _check_key(idempotency_key))] if idempotency_key else None
         return self._call(method, path, body=json_data, query=params, operation=f"{method} {path}", extra_headers=extra)
@@ -1802,11 +1769,8 @@ class PrefactorHttpClient:
         while True:
             began = _monotonic()
             deadline = min(began + config.request_timeout, total_deadline)
-            timeout_text = (  # config may change between calls (a Lambda sets total_timeout)
-                f"no answer within total_timeout={config.total_timeout}s"
-                if deadline == total_deadline
-                else f"no answer within request_timeout={config.request_timeout}s"
-            )
+            limit = "total_timeout" if deadline == total_deadline else "request_timeout"
+            timeout_text = f"no answer within {limit}={getattr(config, limit)}s"  # config may change between calls
             try:
                 response, data = self._transport.round_trip(method, path, head, payload, deadline, timeout_text)
                 result = self._interpret(response, data, method, path)
@@ -1858,41 +1822,38 @@ class PrefactorHttpClient:
     def _interpret(self, response: _Response, data: bytes, method: str, path: str) -> dict[str, Any]:
         status, redact = response.status, self._transport.redact
         if 200 <= status < 300:
-            cause = None
             try:
                 result = _decode(data.decode())
             except ValueError as exc:  # it holds the raw body (.doc, .object): neither kept nor chained
-                result, cause = None, ValueError(redact(str(exc)))
+                result = ValueError(redact(str(exc)))
             if isinstance(result, dict):
                 return result
-            snippet = _snippet(redact(data.decode("utf-8", "replace")))
+            cause = result if isinstance(result, ValueError) else None
+            quoted = _snippet(redact(data.decode("utf-8", "replace")))
             kind = response.getheader("Content-Type") or "no type"
-            expected = f"JSON, got {kind}: {snippet}" if cause else f"a JSON object, got {type(result).__name__}"
+            expected = f"JSON, got {kind}: {quoted}" if cause else f"a JSON object, got {type(result).__name__}"
             raise PrefactorResponseContractError(
-                redact(f"{method} {path}: expected {expected}"), status_code=status, body_snippet=snippet, cause=cause
+                redact(f"{method} {path}: expected {expected}"), status_code=status, body_snippet=quoted, cause=cause
             )
         text = redact(data.decode("utf-8", "replace"))
-        retry_after = _parse_retry_after(response.getheader("Retry-After"))
         try:
-            envelope = json.loads(text) if text else None
+            envelope = _decode(text)
         except ValueError:
             envelope = None
-        if isinstance(envelope, dict):
-            code = envelope.get("code")
-            message = envelope.get("message") or envelope.get("error")
-            errors, snippet = envelope.get("errors"), None  # type: ignore[assignment]
-        else:
-            code, message, errors, snippet = None, None, None, _snippet(text)
-            if 300 <= status < 400:
-                location = _snippet(redact(response.getheader("Location") or "?"))
-                message = f"{method} {path}: redirect to {location} not followed"
+        snippet = None if isinstance(envelope, dict) else _snippet(text)
+        envelope = envelope if snippet is None else {}
+        message = envelope.get("message") or envelope.get("error")
+        if not message and 300 <= status < 400:
+            message = (
+                f"{method} {path}: redirect to {_snippet(redact(response.getheader('Location') or '?'))} not followed"
+            )
         if not message:
             kind = response.getheader("Content-Type") or "no content type"
             message = f"{method} {path}: HTTP {status} ({kind})" + (f": {snippet}" if snippet else "")
+        retry_after = _parse_retry_after(response.getheader("Retry-After"))
         cls = _STATUS_ERRORS.get(status, PrefactorApiError)
-        raise cls(
-            redact(str(message)), str(code or "unknown"), status, errors, retry_after=retry_after, body_snippet=snippet
-        )
+        code, errors = str(envelope.get("code") or "unknown"), envelope.get("errors")
+        raise cls(redact(str(message)), code, status, errors, retry_after=retry_after, body_snippet=snippet)
 
     def _log(self, method: str, path: str, attempt: int, began: float, outcome: Any) -> None:
         log = _logger()

