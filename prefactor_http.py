@@ -85,7 +85,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from urllib.parse import quote, urlencode, urlsplit
 
 TYPE_CHECKING = False  # as typing.TYPE_CHECKING, without importing typing (~5 ms)
@@ -116,6 +116,7 @@ _MIN_BULK_KEY_LENGTH = 8
 _MAX_KEY_PREFIX = _MAX_KEY_LENGTH - 36
 #: Error messages quote this much of a body that is not the expected JSON.
 _SNIPPET_LENGTH = 200
+_MAX_QUOTED = 1024 * 1024  #: an error body's envelope is sought, and secrets in it, in its first MiB only
 #: Read unknown-length bodies in pieces of this size, checking the size limit.
 _READ_CHUNK = 64 * 1024
 
@@ -397,7 +398,7 @@ def _parse_datetime(value: Any, where: str) -> datetime:
     digits; a naive one is taken as UTC."""
     parsed = _parse_iso(value) if isinstance(value, str) else None
     if parsed is None:
-        raise PrefactorResponseContractError(f"{where} is not an ISO-8601 timestamp: {value!r:.60}")
+        raise PrefactorResponseContractError(f"{where} is not an ISO-8601 timestamp")  # unquoted: it may be a secret
     return parsed
 
 
@@ -988,7 +989,6 @@ class _Transport:
             if self.proxy_auth:
                 headers = [*headers, ("Proxy-Authorization", self.proxy_auth)]
         self.head = "".join(f"{k}: {v}\r\n" for k, v in [("Host", self.authority), *headers]).encode()
-        self._context: ssl.SSLContext | None = None
         self._local = threading.local()  # a thread's connection, closed when the thread ends
         self._lock = threading.Lock()
         self._open: dict[Any, Any] = {}  # socket -> reader, for close(); not the connections themselves
@@ -1012,16 +1012,15 @@ class _Transport:
             self.proxy_auth = "Basic " + token
             self.secrets += [password, token]
 
+    @cached_property
     def _ssl_context(self) -> ssl.SSLContext:
-        if self._context is None:
-            import ssl
+        import ssl
 
-            context = ssl.create_default_context()  # verified; honours SSL_CERT_FILE
-            if self.config.ca_file:
-                context.load_verify_locations(cafile=self.config.ca_file)
-            context.sslsocket_class = _tls_socket_class()
-            self._context = context
-        return self._context
+        context = ssl.create_default_context()  # verified; honours SSL_CERT_FILE
+        if self.config.ca_file:
+            context.load_verify_locations(cafile=self.config.ca_file)
+        context.sslsocket_class = _tls_socket_class()
+        return context
 
     def _connect(self, deadline: float) -> _Connection:
         """A new connection (through the proxy's tunnel, TLS verified) for this thread."""
@@ -1039,7 +1038,7 @@ class _Transport:
                     text = f"proxy {self.proxy[0]}:{self.proxy[1]} refused the tunnel to {self.target}: {why}"
                     raise PrefactorConnectionError(text, transient=_transient_status(answer.status))
             if self.tls:
-                sock = self._ssl_context().wrap_socket(sock, server_hostname=self.host)
+                sock = self._ssl_context.wrap_socket(sock, server_hostname=self.host)
                 sock.deadline = deadline
         except BaseException:
             sock.close()
@@ -1066,7 +1065,9 @@ class _Transport:
             sock.close()
 
     def redact(self, text: str) -> str:
-        return _redactor(*self.secrets).sub("[REDACTED]", text)
+        """The text without secrets; a longer one than _MAX_QUOTED (a body) is cut, less a margin for a cut secret."""
+        redacted = _redactor(*self.secrets).sub("[REDACTED]", text[:_MAX_QUOTED])
+        return redacted if len(text) <= _MAX_QUOTED else redacted[:-64]
 
     def round_trip(
         self, method: str, path: str, head: bytes, body: bytes | None, deadline: float, timeout_text: str
@@ -1762,8 +1763,7 @@ class PrefactorHttpClient:
         if extra_headers:
             head = "".join(f"{k}: {v}\r\n" for k, v in extra_headers).encode() + head
         config = self.config
-        start = _monotonic()
-        total_deadline = start + config.total_timeout if config.total_timeout else float("inf")
+        total_deadline = _monotonic() + config.total_timeout if config.total_timeout else float("inf")
         attempt = 0
         resend = True  # once per call
         while True:

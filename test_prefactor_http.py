@@ -1419,13 +1419,13 @@ def everything_shown(exc: BaseException, seen: set | None = None) -> str:
 class SecretWalkTests(FaultTestCase):
     SECRET = "sk/live+0123456789abcdef"  # a '/' and a '+', as base64 tokens have
 
-    def shown(self, url, secret=SECRET, **overrides):
-        """Call validate_token against ``url``; everything the error and the log show."""
+    def shown(self, url, secret=SECRET, call=PrefactorHttpClient.validate_token, **overrides):
+        """Make a call against ``url``; everything the error and the log show."""
         overrides.setdefault("trust_env", False)
         client = PrefactorHttpClient(HttpClientConfig(api_url=url, api_token=secret, max_retries=0, **overrides))
         self.addCleanup(client.close)
         with self.assertLogs("prefactor_http", "DEBUG") as logs, self.assertRaises(ph.PrefactorHttpError) as caught:
-            client.validate_token()
+            call(client)
         return everything_shown(caught.exception) + "\n".join(logs.output)
 
     def assert_hidden(self, seen, secret=SECRET):
@@ -1472,6 +1472,20 @@ class SecretWalkTests(FaultTestCase):
             with self.subTest(answer=answer):
                 server = self.serve([("truncate", answer)])
                 self.assert_hidden(self.shown(server.url))
+
+    def test_a_huge_error_body_is_searched_in_its_first_mib_and_its_cut_shows_nothing(self):
+        body = b" " * (ph._MAX_QUOTED - 4) + self.SECRET.encode()  # the first MiB ends 4 characters into it
+        server = self.serve([("reply", http_response(502, body, {"Content-Type": "text/plain"}))])
+        seen = self.shown(server.url)
+        self.assertNotIn(self.SECRET[:4], seen)
+        self.assertIn("HTTP 502", seen)
+
+    def test_a_secret_in_a_field_of_a_success_is_not_quoted(self):
+        body = {"status": "success", "details": {"id": "inst-1", "inserted_at": self.SECRET}}
+        server = self.serve([("reply", http_response(200, body))])
+        seen = self.shown(server.url, call=lambda client: client.agent_instances.get("inst-1"))
+        self.assert_hidden(seen)
+        self.assertIn("inserted_at is not an ISO-8601 timestamp", seen)
 
     def test_short_proxy_passwords_are_redacted_and_a_407_names_the_proxy_once(self):
         for password in ("p", "pw", "pwd"):
