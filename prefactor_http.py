@@ -86,7 +86,7 @@ import weakref
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property, lru_cache
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import quote, unquote, urlencode, urlsplit
 
 TYPE_CHECKING = False  # as typing.TYPE_CHECKING, without importing typing (~5 ms)
 
@@ -1005,7 +1005,6 @@ class _Transport:
             raise ValueError("the proxy URL (not shown) must be http://[user:pass@]host[:port], '/?#@' percent-encoded")
         if proxy.username is not None:
             from base64 import b64encode
-            from urllib.parse import unquote
 
             user, password = unquote(proxy.username), unquote(proxy.password or "")
             token = b64encode(f"{user}:{password}".encode()).decode()
@@ -1764,8 +1763,7 @@ class PrefactorHttpClient:
             head = "".join(f"{k}: {v}\r\n" for k, v in extra_headers).encode() + head
         config = self.config
         total_deadline = _monotonic() + config.total_timeout if config.total_timeout else float("inf")
-        attempt = 0
-        resend = True  # once per call
+        attempt, resend = 0, True  # resend: once per call (promise 1)
         while True:
             began = _monotonic()
             deadline = min(began + config.request_timeout, total_deadline)
@@ -1843,6 +1841,8 @@ class PrefactorHttpClient:
         snippet = None if isinstance(envelope, dict) else _snippet(text)
         envelope = envelope if snippet is None else {}
         message = envelope.get("message") or envelope.get("error")
+        if status == 407 and self._transport.proxy:  # the proxy's own answer (plain HTTP through it)
+            message = "{} {}: proxy {}:{} asks for credentials (407)".format(method, path, *self._transport.proxy)
         if not message and 300 <= status < 400:
             message = (
                 f"{method} {path}: redirect to {_snippet(redact(response.getheader('Location') or '?'))} not followed"

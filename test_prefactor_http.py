@@ -1566,6 +1566,14 @@ class ProxyTests(FaultTestCase):
             self.assertTrue(ph.is_permanent_http_error(caught.exception))
             self.assertEqual(sleeps, [])
 
+    def test_a_407_to_plain_http_through_a_proxy_names_it_and_is_not_retried(self):
+        proxy = self.serve([("reply", b"HTTP/1.1 407 Who are you\r\nContent-Length: 0\r\n\r\n")])
+        os.environ["HTTP_PROXY"] = f"http://127.0.0.1:{proxy.port}"
+        client, sleeps = self.client("http://api.example.com", trust_env=True)
+        with self.assertRaisesRegex(ph.PrefactorApiError, f"proxy 127.0.0.1:{proxy.port} asks for credentials"):
+            client.validate_token()
+        self.assertEqual((len(proxy.requests), sleeps), (1, []))
+
     def test_no_proxy_matches_ip_literals_and_ports(self):
         os.environ["HTTPS_PROXY"] = "http://proxy:3128"
         cases = [
