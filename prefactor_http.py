@@ -1059,7 +1059,7 @@ class _Transport:
         with self._lock:
             self.closed = True
             conns, self._open = self._open, {}
-        for sock, reader in list(conns.items()):
+        for sock, reader in conns.copy().items():  # a copy: a connection dropped meanwhile removes itself
             reader.close()
             sock.close()
 
