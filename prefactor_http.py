@@ -116,7 +116,7 @@ _MIN_BULK_KEY_LENGTH = 8
 _MAX_KEY_PREFIX = _MAX_KEY_LENGTH - 36
 #: Error messages quote this much of a body that is not the expected JSON.
 _SNIPPET_LENGTH = 200
-_MAX_QUOTED = 1024 * 1024  #: an error body's envelope is sought, and secrets in it, in its first MiB only
+_MAX_QUOTED = 1024 * 1024  # an error body is read for its envelope (and redacted) in its first MiB only
 #: Read unknown-length bodies in pieces of this size, checking the size limit.
 _READ_CHUNK = 64 * 1024
 

@@ -1655,12 +1655,14 @@ class KeepAliveTests(FaultTestCase):
         return server, forwarder, client, sleeps
 
     def test_a_reset_on_a_kept_alive_connection_costs_no_retry(self):
-        server, forwarder, client, sleeps = self.through_forwarder(2, max_retries=0)
+        server, forwarder, client, sleeps = self.through_forwarder(3, max_retries=0)
         forwarder.forget("reset")
         self.assertEqual(client.agent_instances.get("inst-1").id, "inst-1")
+        forwarder.forget("reset")
         inst = client.agent_instances.start("inst-1")  # a POST with its key: resent too
         self.assertEqual(inst.id, "inst-1")
-        self.assertEqual((server.connections, len(server.requests), sleeps), (2, 3, []))
+        self.assertEqual((server.connections, len(server.requests), sleeps), (3, 3, []))
+        self.assertIn(b'"idempotency_key"', server.requests[2])
 
     def test_a_request_without_its_key_is_not_resent(self):
         server, forwarder, client, _ = self.through_forwarder(2, max_retries=0)
