@@ -1617,13 +1617,21 @@ class Forwarder(Listener):
         self.upstream_port = upstream_port
         self.forgotten: dict = {}  # connection index -> "reset" or "swallow"
         self.swallowed = 0
+        self.carried: list = []
         super().__init__()
+
+    def close(self):
+        super().close()
+        for sock in self.carried:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def forget(self, how: str) -> None:
         self.forgotten.update(dict.fromkeys(range(self.connections), how))
 
     def handle(self, conn, index):
         upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+        self.carried += [conn, upstream]
         with conn, upstream:
             while True:
                 readable, _, _ = select.select([conn, upstream], [], [], 30)
