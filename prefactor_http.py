@@ -1066,21 +1066,18 @@ class _Transport:
             if response.will_close or conn.dirty():
                 self._drop(conn)
             return response, data
-        except _TooLarge as exc:
+        except BaseException as exc:  # any: a KeyboardInterrupt's or a signal-raised timeout's answer may yet come
             if conn is not None:
                 self._drop(conn)
-            raise PrefactorResponseContractError(
-                f"{method} {path}: response of {exc.args[1]} bytes or more refused (limit {_MAX_RESPONSE_BYTES} bytes)",
-                status_code=exc.args[0],
-            ) from None
-        except (OSError, ValueError) as exc:
-            if conn is not None:
-                self._drop(conn)
+            if isinstance(exc, _TooLarge):
+                raise PrefactorResponseContractError(
+                    f"{method} {path}: response of {exc.args[1]} bytes or more refused"
+                    f" (limit {_MAX_RESPONSE_BYTES} bytes)",
+                    status_code=exc.args[0],
+                ) from None
+            if not isinstance(exc, (OSError, ValueError)):
+                raise
             raise self._translate(exc, method, path, timeout_text) from exc
-        except BaseException:  # KeyboardInterrupt, a timeout raised by a signal handler: its answer may still come
-            if conn is not None:
-                self._drop(conn)
-            raise
 
     def _translate(self, exc: BaseException, method: str, path: str, timeout_text: str) -> PrefactorHttpError:
         """Map one socket, ssl or parsing failure to our error classes."""
@@ -1131,8 +1128,7 @@ class _Connection:
 
 
 class _CountingSocketIO(socket.SocketIO):
-    """The raw side of a connection's reader. Its tell() is the count of bytes
-    received, so the buffered reader's tell() falls short of it by what is buffered."""
+    """The raw side of a connection's reader: its tell() counts the bytes received."""
 
     received = 0
 
@@ -1169,8 +1165,9 @@ class _Response:
 #: trailers), field lines (obs-fold continuations count), 1xx answers before the real one.
 _MAX_HEAD, _MAX_FIELDS, _MAX_INTERIM = 65536, 100, 10
 #: The grammar (RFC 9112), one regex per ABNF rule. A line may end in a bare LF (§2.2).
-#: status-line = HTTP-version SP status-code [ SP reason-phrase ] (a missing SP tolerated)
-_STATUS_LINE = re.compile(rb"HTTP/1\.([0-9]) ([1-5][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?\r?\n")
+#: status-line = HTTP-version SP status-code [ SP reason-phrase ], code 100-599 but not
+#: 101 (we never ask to switch protocols); a missing SP before an empty reason tolerated
+_STATUS_LINE = re.compile(rb"HTTP/1\.([0-9]) (?!101)([1-5][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?\r?\n")
 #: field-line = field-name ":" OWS field-value OWS, or an obs-fold continuation (SP / HTAB first)
 _FIELD_LINE = re.compile("(?:([!#$%&'*+.^_`|~0-9A-Za-z-]+):|[\t ])([\t\x20-\x7e\x80-\xff]*)\r?\n")
 #: chunk-size [ chunk-ext ] CRLF, chunk-size = 1*HEXDIG (at most 16 of them)
@@ -1180,24 +1177,18 @@ _CONTENT_LENGTH = re.compile("([0-9]{1,18})(?:[\t ]*,[\t ]*\\1)*")
 
 
 def _read_response(reader: Any, method: str) -> tuple[_Response, bytes]:
-    """Read one HTTP/1.x answer (status, headers, body by Content-Length, chunked
-    or up to the close) from a buffered reader of the connection. Strict: what
-    RFC 9112 does not allow is a ValueError, not a guess.
-
-    Written here rather than taken from http.client, whose email-based header
-    parsing cost more per call than everything else the client does.
-    """
+    """Read one HTTP/1.x answer (status, headers, body by Content-Length, chunked or
+    up to the close) from a buffered reader. What RFC 9112 does not allow is a
+    ValueError, not a guess. (http.client's email-based header parsing cost more
+    per call than everything else the client does.)"""
     for _ in range(_MAX_INTERIM + 1):
         line = reader.readline(_MAX_HEAD)
-        if not line:
-            raise _CutShort("server closed the connection without answering")
         status_line = _STATUS_LINE.fullmatch(line)
         if status_line is None:
-            raise ValueError(f"bad status line {line[:80]!r}")
+            cut = _CutShort("server closed the connection without answering")
+            raise ValueError(f"bad status line {line[:80]!r}") if line else cut
         status = int(status_line[2])
         headers = _read_fields(reader, _MAX_HEAD - len(line))
-        if status == 101:
-            raise ValueError("101 Switching Protocols was never asked for")
         if status >= 200:
             break  # an interim 1xx answer is followed by the real one
     else:
@@ -1243,9 +1234,8 @@ def _read_fields(reader: Any, budget: int) -> dict[str, str]:
         if line == b"\r\n" or line == b"\n":
             return fields
         if not line.endswith(b"\n"):
-            if budget:
-                raise _CutShort("connection closed inside the response headers")
-            raise ValueError(f"header section over {_MAX_HEAD} bytes")
+            over = ValueError(f"header section over {_MAX_HEAD} bytes")
+            raise _CutShort("connection closed inside the response headers") if budget else over
         field = _FIELD_LINE.fullmatch(line.decode("latin-1"))
         if field is None or not (field[1] or name):
             raise ValueError(f"bad header line {line[:80]!r}")
@@ -1264,9 +1254,8 @@ def _read_chunked(reader: Any, status: int) -> bytes:
         line = reader.readline(_MAX_HEAD)
         chunk_line = _CHUNK_LINE.fullmatch(line)
         if chunk_line is None:
-            if not line.endswith(b"\n") and len(line) < _MAX_HEAD:
-                raise _CutShort(f"response cut short after {len(body)} bytes")
-            raise ValueError(f"bad chunk size {line[:40]!r}")
+            cut = _CutShort(f"response cut short after {len(body)} bytes")
+            raise cut if line[-1:] != b"\n" and len(line) < _MAX_HEAD else ValueError(f"bad chunk size {line[:40]!r}")
         chunk = int(chunk_line[1], 16)
         if chunk == 0:
             _read_fields(reader, _MAX_HEAD)  # trailer fields, bounded, then ignored
