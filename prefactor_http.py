@@ -1227,24 +1227,28 @@ def _read_fields(reader: Any, budget: int) -> dict[str, str]:
     """Header (or trailer) fields up to the empty line, names in lower case; a
     repeated name's values joined by ", ", obs-fold continuations unfolded (§5.2)."""
     fields: dict[str, str] = {}
-    name = ""
+    name, field_line = "", _FIELD_LINE.fullmatch
     for _ in range(_MAX_FIELDS + 1):
         line = reader.readline(budget)
         budget -= len(line)
-        if line == b"\r\n" or line == b"\n":
-            return fields
-        if not line.endswith(b"\n"):
-            over = ValueError(f"header section over {_MAX_HEAD} bytes")
-            raise _CutShort("connection closed inside the response headers") if budget else over
-        field = _FIELD_LINE.fullmatch(line.decode("latin-1"))
-        if field is None or not (field[1] or name):
-            raise ValueError(f"bad header line {line[:80]!r}")
-        value = field[2].strip(" \t")
-        if field[1] is None:
+        field = field_line(line.decode("latin-1"))
+        if field is None:
+            if line == b"\r\n" or line == b"\n":
+                return fields
+            if line.endswith(b"\n") or not budget:
+                raise ValueError(
+                    f"bad header line {line[:80]!r}" if budget else f"header section over {_MAX_HEAD} bytes"
+                )
+            raise _CutShort("connection closed inside the response headers")
+        key, value = field.groups()
+        value = value.strip(" \t")
+        if key is not None:
+            name = key.lower()
+            fields[name] = f"{fields[name]}, {value}" if name in fields else value
+        elif name:  # obs-fold: more of the previous field's value
             fields[name] = f"{fields[name]} {value}".strip(" ")
         else:
-            name = field[1].lower()
-            fields[name] = f"{fields[name]}, {value}" if name in fields else value
+            raise ValueError(f"bad header line {line[:80]!r}")  # a continuation of nothing
     raise ValueError(f"more than {_MAX_FIELDS} header lines")
 
 
