@@ -1232,23 +1232,19 @@ def _read_fields(reader: Any, budget: int) -> dict[str, str]:
         line = reader.readline(budget)
         budget -= len(line)
         field = field_line(line.decode("latin-1"))
-        if field is None:
+        if field is None or not (name or field[1]):  # (an obs-fold continues nothing before the first field)
             if line == b"\r\n" or line == b"\n":
                 return fields
             if line.endswith(b"\n") or not budget:
-                raise ValueError(
-                    f"bad header line {line[:80]!r}" if budget else f"header section over {_MAX_HEAD} bytes"
-                )
+                raise ValueError(f"bad header line {line[:80]!r}" if budget else f"headers over {_MAX_HEAD} bytes")
             raise _CutShort("connection closed inside the response headers")
         key, value = field.groups()
         value = value.strip(" \t")
-        if key is not None:
-            name = key.lower()
-            fields[name] = f"{fields[name]}, {value}" if name in fields else value
-        elif name:  # obs-fold: more of the previous field's value
+        if key is None:  # obs-fold: more of the previous field's value
             fields[name] = f"{fields[name]} {value}".strip(" ")
         else:
-            raise ValueError(f"bad header line {line[:80]!r}")  # a continuation of nothing
+            name = key.lower()
+            fields[name] = f"{fields[name]}, {value}" if name in fields else value
     raise ValueError(f"more than {_MAX_FIELDS} header lines")
 
 

@@ -1732,9 +1732,9 @@ class StrictReaderTests(FaultTestCase):
         self.assert_rejected(
             self.OK + b"X-A: 1\r\n" * 101 + b"Content-Length: 2\r\n\r\n{}", "more than 100 header lines"
         )
-        self.assert_rejected(self.OK + b"X-A: " + b"a" * 65536 + b"\r\n\r\n{}", "header section over 65536 bytes")
+        self.assert_rejected(self.OK + b"X-A: " + b"a" * 65536 + b"\r\n\r\n{}", "headers over 65536 bytes")
         many = b"".join(b"X-%d: %s\r\n" % (i, b"a" * 700) for i in range(99))  # 99 lines, 70 kB
-        self.assert_rejected(self.OK + many + b"\r\n", "header section over")
+        self.assert_rejected(self.OK + many + b"\r\n", "headers over")
         self.assertEqual(parse(self.OK + b"X-A: 1\r\n" * 100 + b"\r\n")[0].headers["x-a"], ", ".join("1" * 100))
 
     def test_trailers_are_bounded(self):
