@@ -1186,7 +1186,7 @@ def _read_response(reader: Any, method: str) -> tuple[_Response, bytes]:
         status_line = _STATUS_LINE.fullmatch(line)
         if status_line is None:
             cut = _CutShort("server closed the connection without answering")
-            raise ValueError(f"bad status line {line[:80]!r}") if line else cut
+            raise ValueError(f"bad status line {line!r}") if line else cut
         status = int(status_line[2])
         headers = _read_fields(reader, _MAX_HEAD - len(line))
         if status >= 200:
@@ -1202,7 +1202,7 @@ def _read_response(reader: Any, method: str) -> tuple[_Response, bytes]:
         return response, b""
     if coding is not None:
         if coding.lower() != "chunked":  # the list of codings must be chunked alone: we asked for no other
-            raise ValueError(f"unsupported Transfer-Encoding {coding[:40]!r}")
+            raise ValueError(f"unsupported Transfer-Encoding {coding!r}")
         response.will_close |= length is not None  # a smuggling pattern: framed by chunked, never reused
         return response, _read_chunked(reader, status)
     if length is None:
@@ -1213,7 +1213,7 @@ def _read_response(reader: Any, method: str) -> tuple[_Response, bytes]:
         return response, data
     valid = _CONTENT_LENGTH.fullmatch(length)
     if valid is None:
-        raise ValueError(f"bad Content-Length {length[:40]!r}")
+        raise ValueError(f"bad Content-Length {length!r}")
     size = int(valid[1])
     if size > _MAX_RESPONSE_BYTES:
         raise _TooLarge(status, size)
@@ -1236,7 +1236,7 @@ def _read_fields(reader: Any, budget: int) -> dict[str, str]:
             if line == b"\r\n" or line == b"\n":
                 return fields
             if line.endswith(b"\n") or not budget:
-                raise ValueError(f"bad header line {line[:80]!r}" if budget else f"headers over {_MAX_HEAD} bytes")
+                raise ValueError(f"bad header line {line!r}" if budget else f"headers over {_MAX_HEAD} bytes")
             raise _CutShort("connection closed inside the response headers")
         key, value = field.groups()
         value = value.strip(" \t")
@@ -1255,7 +1255,7 @@ def _read_chunked(reader: Any, status: int) -> bytes:
         chunk_line = _CHUNK_LINE.fullmatch(line)
         if chunk_line is None:
             cut = _CutShort(f"response cut short after {len(body)} bytes")
-            raise cut if line[-1:] != b"\n" and len(line) < _MAX_HEAD else ValueError(f"bad chunk size {line[:40]!r}")
+            raise cut if line[-1:] != b"\n" and len(line) < _MAX_HEAD else ValueError(f"bad chunk size {line!r}")
         chunk = int(chunk_line[1], 16)
         if chunk == 0:
             _read_fields(reader, _MAX_HEAD)  # trailer fields, bounded, then ignored

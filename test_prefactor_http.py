@@ -1743,6 +1743,21 @@ class StrictReaderTests(FaultTestCase):
         self.assert_rejected(chunked + b"bad trailer\r\n\r\n", "bad header line")
         self.assertEqual(parse(chunked + b"T: 1\r\n\r\n")[1:], (b"{}", b""))
 
+    def test_a_malformed_line_quoting_the_token_is_redacted_before_any_cut(self):
+        pieces = {TOKEN[i : i + 8] for i in range(len(TOKEN) - 7)}  # no 8 characters of it may show
+        for answer in (self.OK + b"X-Echo " + b"x" * 65 + TOKEN.encode() + b" : 1\r\n\r\n",
+                       b"HTTP/1.1 2000 " + b"x" * 60 + TOKEN.encode() + b"\r\n\r\n",
+                       self.OK + b"Transfer-Encoding: chunked\r\n\r\n" + b"1;" + b"x" * 30 + TOKEN.encode() + b"\x01\r\n",
+                       self.OK + b"Content-Length: " + b"1" * 30 + TOKEN.encode() + b"\r\n\r\n"):  # fmt: skip
+            with self.subTest(answer):
+                server = self.serve([("reply", answer)])
+                client, _ = self.client(server.url, max_retries=0)
+                with self.assertRaises(ph.PrefactorConnectionError) as caught:
+                    client.validate_token()
+                cause = caught.exception.__cause__
+                seen = " ".join([str(caught.exception), repr(caught.exception), str(cause), repr(cause.args)])
+                self.assertEqual([p for p in pieces if p in seen], [])
+
     def test_deeply_nested_json_is_our_error_not_recursion_error(self):
         deep = b"[" * 100_000
         for status, cls in ((200, ph.PrefactorResponseContractError), (500, ph.PrefactorApiError)):
@@ -1925,10 +1940,13 @@ class DifferentialTests(unittest.TestCase):
     ours accepts, status, the headers that matter and the body are http.client's,
     or the case is a deliberate difference. Replay: DIFFERENTIAL_SEED=<seed>."""
 
-    CASES = 5000
+    CASES = 10_000
+
+    def setUp(self):
+        self.seed = int(os.environ.get("DIFFERENTIAL_SEED") or random.randrange(2**32))
 
     def test_our_reader_agrees_with_http_client(self):
-        seed = int(os.environ.get("DIFFERENTIAL_SEED") or random.randrange(2**32))
+        seed = self.seed
         rng = random.Random(seed)
         accepted = 0
         for case in range(self.CASES):
@@ -1941,3 +1959,39 @@ class DifferentialTests(unittest.TestCase):
             if ours != theirs and not deliberate_difference(answer, ours):
                 self.fail(f"DIFFERENTIAL_SEED={seed}, case {case}: {answer!r}\nours:   {ours!r}\ntheirs: {theirs!r}")
         self.assertGreater(accepted, self.CASES // 10, f"DIFFERENTIAL_SEED={seed}")
+
+    def test_over_real_sockets_a_call_sees_what_the_reader_sees(self):
+        rng = random.Random(self.seed)
+        wanted = {True: 8, False: 4}  # answers our reader accepts, and refuses
+        while any(wanted.values()):
+            answer = generate_answer(rng)
+            ours = read_with_ours(io.BufferedReader(io.BytesIO(answer)))
+            if not wanted[ours is not None]:
+                continue
+            wanted[ours is not None] -= 1
+            server = FaultServer([("truncate", answer)])  # sent, then the connection closes
+            self.addCleanup(server.close)
+            client, _ = make_client(server.url, max_retries=0)
+            self.addCleanup(client.close)
+            self.assertEqual(call_outcome(client), expected_outcome(ours), f"DIFFERENTIAL_SEED={self.seed}: {answer!r}")
+
+
+def expected_outcome(ours: tuple | None):
+    """What a call makes of an answer our reader read as ``ours``."""
+    if ours is None:
+        return "refused"
+    status, _, body = ours
+    try:
+        data = json.loads(body.decode()) if 200 <= status < 300 else None
+    except ValueError:
+        data = None
+    return data if isinstance(data, dict) else status
+
+
+def call_outcome(client: PrefactorHttpClient):
+    try:
+        return client.request("GET", "/x")
+    except (ph.PrefactorApiError, ph.PrefactorResponseContractError) as error:
+        return "refused" if "refused" in str(error) else error.status_code
+    except ph.PrefactorConnectionError:
+        return "refused"
