@@ -1689,6 +1689,45 @@ class CleanConnectionTests(FaultTestCase):
                     signal.setitimer(signal.ITIMER_REAL, 0)
                 self.assertEqual((client.validate_token(), server.connections), ({"id": "B"}, 2))
 
+    @unittest.skipUnless(hasattr(signal, "setitimer"), "needs signal.setitimer")
+    def test_a_call_interrupted_while_sending_closes_its_connection(self):
+        if threading.current_thread() is not threading.main_thread():
+            self.skipTest("signal handlers run in the main thread only")
+
+        def interrupt(signum, frame):
+            raise KeyboardInterrupt
+
+        self.addCleanup(signal.signal, signal.SIGALRM, signal.signal(signal.SIGALRM, interrupt))
+        server = DeafFirstServer(self.B)  # connection 0 never reads: the send blocks once the buffers are full
+        self.addCleanup(server.close)
+        client, _ = self.client(server.url, max_retries=0, request_timeout=2)
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        try:
+            with self.assertRaises(KeyboardInterrupt):
+                client.request("POST", "/x", json_data={"big": "x" * 32_000_000})
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        self.assertEqual((client.validate_token(), server.connections), ({"id": "B"}, 2))
+
+
+class DeafFirstServer(Listener):
+    """Connection 0 reads nothing and stays open; later ones answer every request."""
+
+    def __init__(self, answer: bytes):
+        self.answer, self.stopping = answer, threading.Event()
+        super().__init__()
+
+    def handle(self, conn, index):
+        with conn:
+            if index == 0:
+                self.stopping.wait(30)
+            while not self.stopping.is_set() and read_request(conn) is not None:
+                conn.sendall(self.answer)
+
+    def close(self):
+        self.stopping.set()
+        super().close()
+
 
 class StrictReaderTests(FaultTestCase):
     """RFC 9112 grammar and bounds: reject rather than guess (issue 9, items 3, 4, 7, 9)."""
