@@ -1161,8 +1161,8 @@ class _Response:
         return self.headers.get(name.lower(), default)
 
 
-#: Limits: bytes of a status line and its header fields together (or of the
-#: trailers), field lines (obs-fold continuations count), 1xx answers before the real one.
+#: Limits: bytes of the status line and header fields together (of the trailers; of one
+#: chunk-size line), field lines (an obs-fold continuation counts), 1xx answers before the real one.
 _MAX_HEAD, _MAX_FIELDS, _MAX_INTERIM = 65536, 100, 10
 #: The grammar (RFC 9112), one regex per ABNF rule. A line may end in a bare LF (§2.2).
 #: status-line = HTTP-version SP status-code [ SP reason-phrase ], code 100-599 but not
