@@ -1231,10 +1231,10 @@ def _read_fields(reader: Any, budget: int) -> dict[str, str]:
     for _ in range(_MAX_FIELDS + 1):
         line = reader.readline(budget)
         budget -= len(line)
+        if line == b"\r\n" or line == b"\n":
+            return fields
         field = field_line(line.decode("latin-1"))
         if field is None or not (name or field[1]):  # (an obs-fold continues nothing before the first field)
-            if line == b"\r\n" or line == b"\n":
-                return fields
             if line.endswith(b"\n") or not budget:
                 raise ValueError(f"bad header line {line!r}" if budget else f"headers over {_MAX_HEAD} bytes")
             raise _CutShort("connection closed inside the response headers")
