@@ -1808,7 +1808,7 @@ class PrefactorHttpClient:
         if 200 <= status < 300:
             try:
                 result = _decode(data.decode())
-            except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
+            except (ValueError, RecursionError, MemoryError) as exc:  # nested too deep; too many values to hold
                 snippet = _snippet(self._transport.redact(data.decode("utf-8", "replace")))
                 raise PrefactorResponseContractError(
                     f"{method} {path}: expected JSON, got {response.getheader('Content-Type') or 'no type'}: {snippet}",
@@ -1827,7 +1827,7 @@ class PrefactorHttpClient:
         retry_after = _parse_retry_after(response.getheader("Retry-After"))
         try:
             envelope = json.loads(text) if text else None
-        except (ValueError, RecursionError):
+        except (ValueError, RecursionError, MemoryError):
             envelope = None
         if isinstance(envelope, dict):
             code = envelope.get("code")

@@ -1818,6 +1818,26 @@ class StrictReaderTests(FaultTestCase):
                     client.validate_token()
                 self.assertEqual(caught.exception.status_code, status)
 
+    @unittest.skipUnless(sys.platform.startswith("linux"), "needs RLIMIT_AS and /proc")
+    def test_a_json_body_too_big_to_hold_is_our_error_not_memory_error(self):
+        script = """if True:
+            import resource, test_prefactor_http as t
+            body = b"[" + b",".join([b"{}"] * 3_000_000) + b"]"  # 9 MB, about 200 MB as Python objects
+            server = t.FaultServer([("reply", t.http_response(200, body))], [("reply", t.http_response(500, body))])
+            size = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmSize"))
+            resource.setrlimit(resource.RLIMIT_AS, (size * 1024 + (128 << 20), resource.RLIM_INFINITY))
+            for _ in range(2):
+                client, _ = t.make_client(server.url, max_retries=0)
+                try:
+                    client.validate_token()
+                except BaseException as error:
+                    print(type(error).__name__)
+                client.close()
+        """
+        env = {**os.environ, "MALLOC_ARENA_MAX": "1"}  # thread arenas would take the headroom
+        result = subprocess.run([sys.executable, "-c", script], cwd=HERE, env=env, capture_output=True, text=True)
+        self.assertEqual(result.stdout.split(), ["PrefactorResponseContractError", "PrefactorApiError"], result.stderr)
+
     def test_status_line_grammar(self):
         for line in (b"HTTP/1.1 2000 OK", b"HTTP/1.1 099 Low", b"HTTP/1.1 600 High", b"HTTP/1.1 20 OK",
                      b"HTTP/1.1  200 OK", b"HTTP/1.1 200 OK\r", b"HTTP/2.0 200 OK", b"HTTP/1.1 2x0 OK",
