@@ -1609,6 +1609,19 @@ class TlsFaultServer(FaultServer):
         super().handle(conn, index)
 
 
+def interrupt_main_thread_when(condition) -> None:
+    """SIGALRM to the main thread once ``condition()`` holds (checked every 10 ms, 5 s at most)."""
+
+    def watch():
+        for _ in range(500):
+            if condition():
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGALRM)
+                return
+            time.sleep(0.01)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 class CleanConnectionTests(FaultTestCase):
     """A connection carries another request only when its last answer ended
     exactly at its framing boundary (issue 9, items 1 and 2)."""
@@ -1662,7 +1675,7 @@ class CleanConnectionTests(FaultTestCase):
         self.assertEqual(self.two_calls(server), ({"id": "A"}, {"id": "B"}))
         self.assertEqual(server.connections, 1)
 
-    @unittest.skipUnless(hasattr(signal, "setitimer"), "needs signal.setitimer")
+    @unittest.skipUnless(hasattr(signal, "pthread_kill"), "needs signal.pthread_kill")
     def test_an_interrupted_call_closes_its_connection(self):
         if threading.current_thread() is not threading.main_thread():
             self.skipTest("signal handlers run in the main thread only")
@@ -1680,16 +1693,13 @@ class CleanConnectionTests(FaultTestCase):
                 self.addCleanup(signal.signal, signal.SIGALRM, previous)
                 # connection 0 holds its answer to the first request and sends it late, with the next one
                 server = self.serve([("reply", b""), ("reply", self.A)], [("reply", self.B)])
-                client, _ = self.client(server.url, max_retries=0)
-                signal.setitimer(signal.ITIMER_REAL, 0.2)
-                try:
-                    with self.assertRaises(exc):
-                        client.validate_token()
-                finally:
-                    signal.setitimer(signal.ITIMER_REAL, 0)
+                client, _ = self.client(server.url, max_retries=0, request_timeout=5)
+                interrupt_main_thread_when(lambda server=server: server.requests)  # while the call waits
+                with self.assertRaises(exc):
+                    client.validate_token()
                 self.assertEqual((client.validate_token(), server.connections), ({"id": "B"}, 2))
 
-    @unittest.skipUnless(hasattr(signal, "setitimer"), "needs signal.setitimer")
+    @unittest.skipUnless(hasattr(signal, "pthread_kill"), "needs signal.pthread_kill")
     def test_a_call_interrupted_while_sending_closes_its_connection(self):
         if threading.current_thread() is not threading.main_thread():
             self.skipTest("signal handlers run in the main thread only")
@@ -1701,12 +1711,9 @@ class CleanConnectionTests(FaultTestCase):
         server = DeafToBigBodies(self.B)
         self.addCleanup(server.close)
         client, _ = self.client(server.url, max_retries=0, request_timeout=2)
-        signal.setitimer(signal.ITIMER_REAL, 0.3)
-        try:
-            with self.assertRaises(KeyboardInterrupt):
-                client.request("POST", "/x", json_data={"big": "x" * 32_000_000})
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
+        interrupt_main_thread_when(server.deaf.is_set)  # the server stopped reading: the send blocks
+        with self.assertRaises(KeyboardInterrupt):
+            client.request("POST", "/x", json_data={"big": "x" * 32_000_000})
         self.assertEqual(client.validate_token(), {"id": "B"})  # not sent after the half-sent body
 
 
@@ -1715,7 +1722,7 @@ class DeafToBigBodies(Listener):
     reading (the client's send blocks once the buffers are full) and stays open."""
 
     def __init__(self, answer: bytes):
-        self.answer, self.stopping = answer, threading.Event()
+        self.answer, self.stopping, self.deaf = answer, threading.Event(), threading.Event()
         super().__init__()
 
     def handle(self, conn, index):
@@ -1730,6 +1737,7 @@ class DeafToBigBodies(Listener):
                     continue
                 length = re.search(rb"(?i)\ncontent-length: *([0-9]+)", head)
                 if length and int(length[1]) > 1_000_000:
+                    self.deaf.set()
                     self.stopping.wait(30)
                     return
                 conn.sendall(self.answer)
