@@ -74,6 +74,7 @@ __all__ = [
     "LocalApiServer",
 ]
 
+import io
 import json
 import os
 import re
@@ -116,8 +117,6 @@ _MAX_KEY_PREFIX = _MAX_KEY_LENGTH - 36
 #: Error messages quote this much of a body that is not the expected JSON.
 _SNIPPET_LENGTH = 200
 _MAX_QUOTED = 1024 * 1024  # an error body is read for its envelope (and redacted) in its first MiB only
-#: Read unknown-length bodies in pieces of this size, checking the size limit.
-_READ_CHUNK = 64 * 1024
 
 _AGENT_STATUSES = ("pending", "active", "complete", "failed", "cancelled", "terminated")
 _FINISH_STATUSES = ("complete", "failed", "cancelled")
@@ -1095,19 +1094,20 @@ class _Transport:
             answered = not reused or bool(conn.reader.peek(1))  # the recv the reader makes anyway
             response, data = _read_response(conn.reader, method)
             conn.used = _monotonic()
-            if response.will_close:
+            if response.will_close or conn.dirty():
                 self._drop(conn)
             return response, data
-        except _TooLarge as exc:
+        except BaseException as exc:  # any: a KeyboardInterrupt's or a signal-raised timeout's answer may yet come
             if conn is not None:
                 self._drop(conn)
-            raise PrefactorResponseContractError(
-                f"{method} {path}: response of {exc.args[1]} bytes or more refused (limit {_MAX_RESPONSE_BYTES} bytes)",
-                status_code=exc.args[0],
-            ) from None
-        except (OSError, ValueError) as exc:
-            if conn is not None:
-                self._drop(conn)
+            if isinstance(exc, _TooLarge):
+                raise PrefactorResponseContractError(
+                    f"{method} {path}: response of {exc.args[1]} bytes or more refused"
+                    f" (limit {_MAX_RESPONSE_BYTES} bytes)",
+                    status_code=exc.args[0],
+                ) from None
+            if not isinstance(exc, (OSError, ValueError)):
+                raise
             error = self._translate(exc, method, path, timeout_text)
             error._unsent = conn is None  # failed while connecting: nothing of the request left
             error._stale = reused and not answered and not isinstance(error, PrefactorTimeoutError)
@@ -1161,15 +1161,20 @@ class _Connection:
     """One kept-alive connection: socket, buffered reader, idle-close check, last use.
     Dropped unclosed (its thread ended, its client was dropped), it closes itself."""
 
-    __slots__ = ("pid", "pool", "reader", "sock", "used", "was_closed")
+    __slots__ = ("pid", "pool", "raw", "reader", "sock", "used", "was_closed")
 
     def __init__(self, sock: Any, pool: dict[Any, Any]) -> None:
         self.sock = sock
         self.pool = pool  # the transport's open sockets
-        self.reader = sock.makefile("rb")  # kept: no bytes are read past an answer
-        self.was_closed = _closed_check(sock)
+        self.raw = _CountingSocketIO(sock, "rb")
+        self.reader = io.BufferedReader(self.raw)
+        self.was_closed = _closed_check(sock)  # closed by the server (or bytes arrived) while idle
         self.pid = os.getpid()  # a forked child must not talk on its parent's connection
         self.used = _monotonic()
+
+    def dirty(self) -> bool:
+        """Bytes wait past the answer: in the reader's buffer, or decrypted inside TLS."""
+        return self.reader.tell() != self.raw.received or (hasattr(self.sock, "pending") and self.sock.pending() > 0)
 
     def close(self) -> None:
         self.pool.pop(self.sock, None)
@@ -1177,6 +1182,20 @@ class _Connection:
         self.sock.close()
 
     __del__ = close
+
+
+class _CountingSocketIO(socket.SocketIO):
+    """The raw side of a connection's reader: its tell() counts the bytes received."""
+
+    received = 0
+
+    def readinto(self, b: Any) -> int | None:
+        n = super().readinto(b)
+        self.received += n or 0
+        return n
+
+    def tell(self) -> int:
+        return self.received
 
 
 class _TooLarge(Exception):
@@ -1199,54 +1218,60 @@ class _Response:
         return self.headers.get(name.lower(), default)
 
 
-#: http.client's limits: a longer line or more header fields is not a real server.
-_MAX_LINE = 65536
-_MAX_HEADERS = 100
+#: Limits: bytes of the status line and header fields together (of the trailers; of one
+#: chunk-size line), field lines (an obs-fold continuation counts), 1xx answers before the real one.
+_MAX_HEAD, _MAX_FIELDS, _MAX_INTERIM = 65536, 100, 10
+#: The grammar (RFC 9112), one regex per ABNF rule. A line may end in a bare LF (§2.2).
+#: status-line = HTTP-version SP status-code [ SP reason-phrase ], code 100-599 but not
+#: 101 (we never ask to switch protocols); a missing SP before an empty reason tolerated
+_STATUS_LINE = re.compile(rb"HTTP/1\.([0-9]) (?!101)([1-5][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?\r?\n")
+#: field-line = field-name ":" OWS field-value OWS, or an obs-fold continuation (SP / HTAB first)
+_FIELD_LINE = re.compile("(?:([!#$%&'*+.^_`|~0-9A-Za-z-]+):|[\t ])([\t\x20-\x7e\x80-\xff]*)\r?\n")
+#: chunk-size [ chunk-ext ] CRLF, chunk-size = 1*HEXDIG (at most 16 of them)
+_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[\t ]*(?:;[\t\x20-\x7e\x80-\xff]*)?\r?\n")
+#: Content-Length = 1*DIGIT; a list of one value repeated is that value (RFC 9110 §8.6)
+_CONTENT_LENGTH = re.compile("([0-9]{1,18})(?:[\t ]*,[\t ]*\\1)*")
 
 
 def _read_response(reader: Any, method: str) -> tuple[_Response, bytes]:
-    """Read one HTTP/1.x answer (status, headers, body by Content-Length, chunked
-    or up to the close) from a buffered reader of the connection.
-
-    Written here rather than taken from http.client, whose email-based header
-    parsing cost more per call than everything else the client does.
-    """
-    while True:
-        line = reader.readline(_MAX_LINE + 1)
-        if not line:
-            raise _CutShort("server closed the connection without answering")
-        parts = line.split(None, 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit() or len(line) > _MAX_LINE:
-            raise ValueError(f"bad status line {line[:80]!r}")
-        status = int(parts[1])
-        headers: dict[str, str] = {}
-        while True:
-            field = reader.readline(_MAX_LINE + 1)
-            if field in (b"\r\n", b"\n"):
-                break
-            if not field.endswith(b"\n") and len(field) <= _MAX_LINE:
-                raise _CutShort("connection closed inside the response headers")
-            name, colon, value = field.partition(b":")
-            if not colon or len(field) > _MAX_LINE or len(headers) >= _MAX_HEADERS:
-                raise ValueError(f"bad header line {field[:80]!r}")
-            key, text = name.strip().lower().decode("latin-1"), value.strip().decode("latin-1")
-            headers[key] = f"{headers[key]}, {text}" if key in headers else text
-        if not 100 <= status < 200:
+    """Read one HTTP/1.x answer (status, headers, body by Content-Length, chunked or
+    up to the close) from a buffered reader. What RFC 9112 does not allow is a
+    ValueError, not a guess. (http.client's email-based header parsing cost more
+    per call than everything else the client does.)"""
+    for _ in range(_MAX_INTERIM + 1):
+        line = reader.readline(_MAX_HEAD)
+        status_line = _STATUS_LINE.fullmatch(line)
+        if status_line is None:
+            cut = _CutShort("server closed the connection without answering")
+            raise ValueError(f"bad status line {line!r}") if line else cut
+        status = int(status_line[2])
+        headers = _read_fields(reader, _MAX_HEAD - len(line))
+        if status >= 200:
             break  # an interim 1xx answer is followed by the real one
+    else:
+        raise ValueError(f"more than {_MAX_INTERIM} interim 1xx answers")
     connection = headers.get("connection", "").lower()
-    will_close = "close" in connection or (parts[0] == b"HTTP/1.0" and "keep-alive" not in connection)
-    response = _Response(status, parts[2].strip().decode("latin-1") if len(parts) > 2 else "", headers, will_close)
+    will_close = "close" in connection or (status_line[1] == b"0" and "keep-alive" not in connection)
+    response = _Response(status, (status_line[3] or b"").strip().decode("latin-1"), headers, will_close)
+    coding, length = headers.get("transfer-encoding"), headers.get("content-length")
     if method == "HEAD" or status in (204, 304) or (method == "CONNECT" and status == 200):
+        response.will_close |= status in (204, 304) and (coding is not None or length not in (None, "0"))
         return response, b""
-    if "chunked" in headers.get("transfer-encoding", "").lower():
+    if coding is not None:
+        if coding.lower() != "chunked":  # the list of codings must be chunked alone: we asked for no other
+            raise ValueError(f"unsupported Transfer-Encoding {coding!r}")
+        response.will_close |= length is not None  # a smuggling pattern: framed by chunked, never reused
         return response, _read_chunked(reader, status)
-    length = headers.get("content-length")
     if length is None:
         response.will_close = True
-        return response, _read_to_close(reader, status)
-    if not length.isdigit():
-        raise ValueError(f"bad Content-Length {length[:40]!r}")
-    size = int(length)
+        data = reader.read(_MAX_RESPONSE_BYTES + 1)  # to the close
+        if len(data) > _MAX_RESPONSE_BYTES:
+            raise _TooLarge(status, len(data))
+        return response, data
+    valid = _CONTENT_LENGTH.fullmatch(length)
+    if valid is None:
+        raise ValueError(f"bad Content-Length {length!r}")
+    size = int(valid[1])
     if size > _MAX_RESPONSE_BYTES:
         raise _TooLarge(status, size)
     data = reader.read(size)
@@ -1255,41 +1280,51 @@ def _read_response(reader: Any, method: str) -> tuple[_Response, bytes]:
     return response, data
 
 
+def _read_fields(reader: Any, budget: int) -> dict[str, str]:
+    """Header (or trailer) fields up to the empty line, names in lower case; a
+    repeated name's values joined by ", ", obs-fold continuations unfolded (§5.2)."""
+    fields: dict[str, str] = {}
+    name, field_line = "", _FIELD_LINE.fullmatch
+    for _ in range(_MAX_FIELDS + 1):
+        line = reader.readline(budget)
+        budget -= len(line)
+        if line == b"\r\n" or line == b"\n":
+            return fields
+        field = field_line(line.decode("latin-1"))
+        if field is None or not (name or field[1]):  # (an obs-fold continues nothing before the first field)
+            if line.endswith(b"\n") or not budget:
+                raise ValueError(f"bad header line {line!r}" if budget else f"headers over {_MAX_HEAD} bytes")
+            raise _CutShort("connection closed inside the response headers")
+        key, value = field.groups()
+        value = value.strip(" \t")
+        if key is None:  # obs-fold: more of the previous field's value
+            fields[name] = f"{fields[name]} {value}".strip(" ")
+        else:
+            name = key.lower()
+            fields[name] = f"{fields[name]}, {value}" if name in fields else value
+    raise ValueError(f"more than {_MAX_FIELDS} header lines")
+
+
 def _read_chunked(reader: Any, status: int) -> bytes:
-    pieces: list[bytes] = []
-    size = 0
-    while True:
-        line = reader.readline(_MAX_LINE + 1)
-        if not line:
-            raise _CutShort(f"response cut short after {size} bytes")
-        try:
-            chunk = int(line.split(b";", 1)[0], 16)
-        except ValueError:
-            raise ValueError(f"bad chunk size {line[:40]!r}") from None
+    body = bytearray()  # not a list of pieces: a million 1-byte chunks would cost 50 bytes each
+    while True:  # bounded: every round adds at least one byte towards _MAX_RESPONSE_BYTES
+        line = reader.readline(_MAX_HEAD)
+        chunk_line = _CHUNK_LINE.fullmatch(line)
+        if chunk_line is None:
+            cut = _CutShort(f"response cut short after {len(body)} bytes")
+            raise cut if line[-1:] != b"\n" and len(line) < _MAX_HEAD else ValueError(f"bad chunk size {line!r}")
+        chunk = int(chunk_line[1], 16)
         if chunk == 0:
-            while reader.readline(_MAX_LINE + 1) not in (b"\r\n", b"\n", b""):
-                pass  # trailer fields, ignored
-            return b"".join(pieces)
-        size += chunk
-        if size > _MAX_RESPONSE_BYTES:
-            raise _TooLarge(status, size)
-        data = reader.read(chunk + 2)  # the chunk and its CRLF
+            _read_fields(reader, _MAX_HEAD)  # trailer fields, bounded, then ignored
+            return bytes(body)
+        if len(body) + chunk > _MAX_RESPONSE_BYTES:
+            raise _TooLarge(status, len(body) + chunk)
+        data = reader.read(chunk + 2)
         if len(data) < chunk + 2:
-            raise _CutShort(f"response cut short after {size - chunk + len(data)} bytes")
-        pieces.append(data[:chunk])
-
-
-def _read_to_close(reader: Any, status: int) -> bytes:
-    pieces: list[bytes] = []
-    size = 0
-    while True:
-        piece = reader.read1(_READ_CHUNK)
-        if not piece:
-            return b"".join(pieces)
-        size += len(piece)
-        if size > _MAX_RESPONSE_BYTES:
-            raise _TooLarge(status, size)
-        pieces.append(piece)
+            raise _CutShort(f"response cut short after {len(body) + len(data)} bytes")
+        if data[chunk:] != b"\r\n":
+            raise ValueError("chunk data not followed by CRLF")
+        body += memoryview(data)[:chunk]
 
 
 def _closed_check(sock: Any) -> Callable[[], bool]:
@@ -1836,7 +1871,8 @@ class PrefactorHttpClient:
         if 200 <= status < 300:
             try:
                 result = _decode(data.decode())
-            except ValueError as exc:  # it holds the raw body (.doc, .object): neither kept nor chained
+            except (ValueError, RecursionError, MemoryError) as exc:  # not JSON, nested too deep, too many values:
+                # the error holds the raw body (.doc, .object), so it is neither kept nor chained
                 result = ValueError(redact(str(exc)))
             if isinstance(result, dict):
                 return result
@@ -1850,7 +1886,7 @@ class PrefactorHttpClient:
         text = redact(data.decode("utf-8", "replace"))
         try:
             envelope = _decode(text)
-        except ValueError:
+        except (ValueError, RecursionError, MemoryError):
             envelope = None
         snippet = None if isinstance(envelope, dict) else _snippet(text)
         envelope = envelope if snippet is None else {}
