@@ -30,7 +30,7 @@ never followed and the token never appears in a repr, a message or a log line.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     # client and configuration
@@ -53,6 +53,12 @@ __all__ = [
     "AgentVersionForRegister",
     "AgentSchemaVersionForRegister",
     "SpanTypeSchemaForCreate",
+    "RuntimeEnvironment",
+    "QualitySchemaForCreate",
+    "QualitySchemaDetails",
+    "FinishInstanceRequest",
+    "AgentInstanceRecordQuality",
+    "ApiResponse",
     "AgentStatus",
     "FinishStatus",
     "InstancePurpose",
@@ -82,9 +88,10 @@ import socket
 import sys
 import threading
 import time
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from functools import lru_cache
+from functools import lru_cache, update_wrapper
 from urllib.parse import quote, urlencode, urlsplit
 
 TYPE_CHECKING = False  # as typing.TYPE_CHECKING, without importing typing (~5 ms)
@@ -92,7 +99,7 @@ TYPE_CHECKING = False  # as typing.TYPE_CHECKING, without importing typing (~5 m
 if TYPE_CHECKING:  # typing-only imports keep `import prefactor_http` cheap
     import logging
     import ssl
-    from collections.abc import Awaitable, Iterator, Mapping, Sequence
+    from collections.abc import Iterator, Mapping, Sequence
     from typing import Any, Callable, Literal
 
     AgentStatus = Literal["pending", "active", "complete", "failed", "cancelled", "terminated"]
@@ -287,7 +294,7 @@ def is_permanent_http_error(error: BaseException) -> bool:
 
 def _positive(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        raise ValueError(f"{name} must be positive (a number of seconds), got {value!r}")
 
 
 def _check_header_value(name: str, value: str) -> None:
@@ -339,10 +346,8 @@ class HttpClientConfig:
             _positive(name, getattr(self, name))
         if self.total_timeout is not None:
             _positive("total_timeout", self.total_timeout)
-        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int):
-            raise ValueError(f"max_retries must be an integer, got {self.max_retries!r}")
-        if self.max_retries < 0:
-            raise ValueError("max_retries must be non-negative")
+        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
+            raise ValueError(f"max_retries must be non-negative (an integer), got {self.max_retries!r}")
         if self.initial_retry_delay > self.max_retry_delay:
             raise ValueError("initial_retry_delay must be <= max_retry_delay")
         if isinstance(self.retry_multiplier, bool) or not self.retry_multiplier >= 1:
@@ -432,7 +437,7 @@ def _nested(cls: Any) -> Callable[[Any, str], Any]:
     return lambda value, where: _build(cls, value, where)
 
 
-def _fields(**converters: Any) -> Callable[[Any], Any]:
+def _fields(**converters: Any) -> Callable[[_R], _R]:
     """Class decorator: record the dataclass's field names (``extra`` aside) and
     the converters of the fields that are not taken as they are."""
 
@@ -692,8 +697,11 @@ class BulkRequest:
 class _RequestModel:
     """Request helper: serialised as its fields that are not None."""
 
+    def __init__(self, **fields: Any) -> None:  # the dataclasses below have their own
+        self.__dict__.update(fields)
+
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
+        return {k.rstrip("_"): v for k, v in self.__dict__.items() if v is not None}  # schema_ is sent as schema
 
 
 @dataclass
@@ -703,7 +711,7 @@ class AgentVersionForRegister(_RequestModel):
     name: str | None = None
     external_identifier: str | None = None
     description: str | None = None
-    runtime_environment: dict[str, Any] | None = None
+    runtime_environment: RuntimeEnvironment | dict[str, Any] | None = None
 
 
 @dataclass
@@ -728,6 +736,26 @@ class AgentSchemaVersionForRegister(_RequestModel):
     span_result_schemas: dict[str, Any] | None = None
     span_type_schemas: list[Any] | None = None
     quality_schemas: list[Any] | None = None
+
+
+# The other models upstream 0.4.3 exports, so that importing them works: keyword
+# fields in, serialised like the helpers above; a dict works wherever they do.
+class RuntimeEnvironment(_RequestModel): ...
+
+
+class QualitySchemaForCreate(_RequestModel): ...
+
+
+class QualitySchemaDetails(_RequestModel): ...
+
+
+class FinishInstanceRequest(_RequestModel): ...
+
+
+class AgentInstanceRecordQuality(_RequestModel): ...
+
+
+class ApiResponse(_RequestModel): ...
 
 
 # ============================================================================ #
@@ -1017,7 +1045,7 @@ class _Transport:
             raise
         conn = _Connection(sock)
         with self._lock:
-            if self.closed:  # close() ran while this call was under way
+            if self.closed or _stopped():  # close() or a cancel ran while this call was under way
                 conn.close()
                 raise PrefactorClientError("the client was closed during the call")
             self._open.add(conn)
@@ -1035,6 +1063,7 @@ class _Transport:
             self.closed = True
             conns, self._open = self._open, set()
         for conn in conns:
+            conn.shutdown()  # another thread may be waiting on it
             conn.close()
 
     def redact(self, text: str) -> str:
@@ -1109,13 +1138,20 @@ class _Connection:
     """One kept-alive connection: its socket, the buffered reader its answers are
     read from, and the check for a close by the server while idle."""
 
-    __slots__ = ("pid", "reader", "sock", "was_closed")
+    __slots__ = ("pid", "reader", "sock", "thread", "was_closed")
 
     def __init__(self, sock: Any) -> None:
         self.sock = sock
         self.reader = sock.makefile("rb")  # kept: no bytes are read past an answer
         self.was_closed = _closed_check(sock)
         self.pid = os.getpid()  # a forked child must not talk on its parent's connection
+        self.thread = threading.get_ident()
+
+    def shutdown(self) -> None:
+        """Wake a thread blocked on this connection (close() alone would wait for it)."""
+        if self.pid == os.getpid():
+            with suppress(OSError):
+                socket.socket.shutdown(self.sock, socket.SHUT_RDWR)  # not ssl's: it drops the TLS state
 
     def close(self) -> None:
         self.reader.close()
@@ -1621,15 +1657,11 @@ class PrefactorHttpClient:
         if not isinstance(config, HttpClientConfig):
             raise TypeError("config must be an HttpClientConfig")
         self.config = config
-        entry = f"prefactor-http@{__version__}"
-        if sdk_header is not None and sdk_header.strip():
-            _check_header_value("sdk_header", sdk_header)
-            entry = f"{sdk_header.strip()} {entry}"
+        self.sdk_header = sdk_header
         headers = [
             ("Authorization", "Bearer " + config.api_token),
             ("Accept", "application/json"),
-            ("User-Agent", f"prefactor-http/{__version__} python/{_PYTHON}"),
-            ("X-Prefactor-SDK", entry),
+            ("User-Agent", f"prefactor-http-stdlib/{__version__} python/{_PYTHON}"),
         ]
         self._transport = _Transport(config, headers)
         self._closed = False
@@ -1648,6 +1680,22 @@ class PrefactorHttpClient:
 
     def __repr__(self) -> str:
         return f"PrefactorHttpClient(api_url={self.config.api_url!r})"
+
+    @property
+    def sdk_header(self) -> str | None:
+        """What ``X-Prefactor-SDK`` names before this client (``pkg@version ...``); it
+        may be changed at any time, also as upstream's ``_sdk_header`` (the SDK does)."""
+        return self._sdk
+
+    @sdk_header.setter
+    def sdk_header(self, value: str | None) -> None:
+        entry = f"prefactor-http-stdlib@{__version__}"
+        if value is not None and value.strip():
+            _check_header_value("sdk_header", value)
+            entry = f"{value.strip()} {entry}"
+        self._sdk, self._sdk_line = value, f"X-Prefactor-SDK: {entry}\r\n".encode()
+
+    _sdk_header = sdk_header
 
     def close(self) -> None:
         """Close every pooled connection; later calls raise PrefactorClientError."""
@@ -1712,6 +1760,7 @@ class PrefactorHttpClient:
             head = b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(payload)
         if extra_headers:
             head = "".join(f"{k}: {v}\r\n" for k, v in extra_headers).encode() + head
+        head = self._sdk_line + head
         config = self.config
         start = _monotonic()
         total_deadline = start + config.total_timeout if config.total_timeout else float("inf")
@@ -1738,8 +1787,9 @@ class PrefactorHttpClient:
                     raise PrefactorRetryExhaustedError(
                         f"{operation} failed after {attempt + 1} attempts: {error}", error
                     ) from error
-                self._sleep(delay)
-                if self._closed:
+                stop = getattr(_CALL, "stop", None)  # set while AsyncPrefactorHttpClient runs the call
+                (stop.wait if stop else self._sleep)(delay)
+                if self._closed or _stopped():
                     raise PrefactorClientError("the client was closed during the call") from error
                 attempt += 1
                 continue
@@ -1835,53 +1885,141 @@ def _snippet(text: str) -> str:
 # ============================================================================ #
 
 
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Coroutine
+    from concurrent.futures import ThreadPoolExecutor
+    from typing import TypeVar
+
+    from typing_extensions import Concatenate, ParamSpec  # in typing from 3.10; read by type checkers only
+
+    _P = ParamSpec("_P")
+    _R = TypeVar("_R")
+
+_CALL = threading.local()  # .stop: the _Stop of the async call that this worker thread runs
+
+
+def _stopped() -> bool:
+    stop = getattr(_CALL, "stop", None)
+    return stop is not None and stop.is_set()
+
+
+class _Stop(threading.Event):
+    """Set when the task awaiting a call is cancelled, or its client closed: the
+    call stops at its next step (see AsyncPrefactorHttpClient)."""
+
+    thread: int | None = None  # the worker running the call, while it runs
+    lock = threading.Lock()
+
+    def run(self, function: Callable[_P, _R], /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self.lock:
+            self.thread = threading.get_ident()
+        _CALL.stop = self
+        try:
+            if self.is_set():
+                raise PrefactorClientError("the call was cancelled")
+            return function(*args, **kwargs)
+        finally:
+            _CALL.stop = None
+            with self.lock:
+                self.thread = None
+
+    def cancel(self, transport: _Transport) -> None:
+        with self.lock:
+            self.set()
+            for conn in list(transport._open):
+                if conn.thread == self.thread:
+                    conn.shutdown()  # the read waiting for an answer ends now
+
+
+def _aio(method: Callable[Concatenate[Any, _P], _R]) -> Callable[Concatenate[_AsyncGroup, _P], Coroutine[Any, Any, _R]]:
+    """The awaitable twin of a sync method, with its signature and docstring."""
+
+    async def call(self: _AsyncGroup, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        return await self._client._run(method, self._group, *args, **kwargs)
+
+    return update_wrapper(call, method)
+
+
+def _aiter(
+    method: Callable[Concatenate[Any, _P], Iterator[_R]],
+) -> Callable[Concatenate[_AsyncGroup, _P], AsyncIterator[_R]]:
+    """The async twin of a sync generator method: each item is fetched in a worker."""
+
+    async def call(self: _AsyncGroup, /, *args: _P.args, **kwargs: _P.kwargs) -> AsyncIterator[_R]:
+        items = method(self._group, *args, **kwargs)
+        while (item := await self._client._run(next, items, None)) is not None:
+            yield item
+
+    return update_wrapper(call, method)
+
+
 class _AsyncGroup:
-    """Each method of a sync group, run in a worker thread and awaited."""
+    __slots__ = ("_client", "_group")
 
-    def __init__(self, group: Any) -> None:
-        self._group = group
+    def __init__(self, client: AsyncPrefactorHttpClient, group: Any) -> None:
+        self._client, self._group = client, group
 
-    def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
-        method = getattr(self._group, name)
-        if name.startswith("_") or not callable(method):
-            raise AttributeError(name)
 
-        async def call(*args: Any, **kwargs: Any) -> Any:
-            import asyncio
+class _AsyncAgentInstances(_AsyncGroup):
+    __slots__ = ()
+    register = _aio(_AgentInstances.register)
+    start = _aio(_AgentInstances.start)
+    finish = _aio(_AgentInstances.finish)
+    get = _aio(_AgentInstances.get)
+    record_quality = _aio(_AgentInstances.record_quality)
 
-            return await asyncio.get_running_loop().run_in_executor(None, lambda: method(*args, **kwargs))
 
-        call.__name__ = call.__qualname__ = name
-        call.__doc__ = method.__doc__
-        return call
+class _AsyncAgentSpans(_AsyncGroup):
+    __slots__ = ()
+    create = _aio(_AgentSpans.create)
+    finish = _aio(_AgentSpans.finish)
 
 
 class _AsyncAgents(_AsyncGroup):
-    async def iter_agents(self, *args: Any, **filters: Any) -> Any:
-        """Every agent, a page fetched (in a thread) when the last is used up."""
-        import asyncio
-
-        pages = self._group.iter_agents(*args, **filters)
-        loop = asyncio.get_running_loop()
-        done = object()
-        while True:
-            row = await loop.run_in_executor(None, next, pages, done)
-            if row is done:
-                return
-            yield row
+    __slots__ = ()
+    create = _aio(_Agents.create)
+    get = _aio(_Agents.get)
+    update = _aio(_Agents.update)
+    show = _aio(_Agents.show)
+    retire = _aio(_Agents.retire)
+    reinstate = _aio(_Agents.reinstate)
+    delete = _aio(_Agents.delete)
+    list_agents = _aio(_Agents.list_agents)
+    iter_agents = _aiter(_Agents.iter_agents)
 
 
-class AsyncPrefactorHttpClient:
+class _AsyncBulk(_AsyncGroup):
+    __slots__ = ()
+    execute = _aio(_Bulk.execute)
+
+
+class AsyncPrefactorHttpClient(_AsyncGroup):
     """The same groups and methods, awaitable: ``async with`` and ``await``.
-    Calls run the synchronous client in worker threads."""
 
-    def __init__(self, config: HttpClientConfig, *, sdk_header: str | None = None) -> None:
-        self._sync = PrefactorHttpClient(config, sdk_header=sdk_header)
-        self.config = config
-        self.agent_instances: Any = _AsyncGroup(self._sync.agent_instances)
-        self.agent_spans: Any = _AsyncGroup(self._sync.agent_spans)
-        self.agents: Any = _AsyncAgents(self._sync.agents)
-        self.bulk: Any = _AsyncGroup(self._sync.bulk)
+    Calls run the synchronous client in this client's own worker threads, up to
+    ``max_concurrency`` at once (never in the loop's default executor); they start
+    with the first call and stop with ``close()``, so a process that runs
+    ``asyncio.run()`` per invocation (Lambda) keeps no threads or sockets.
+
+    Cancelling an awaited call stops it at its next step. Queued: it never starts.
+    Connecting: the new connection is closed unused. Waiting for the answer: its
+    socket is shut down. In backoff: the wait ends. No attempt follows in any state.
+    A request already sent may still have been stored by the server (its
+    idempotency key makes sending it again safe). ``close()`` stops calls the same way.
+    """
+
+    def __init__(self, config: HttpClientConfig, *, sdk_header: str | None = None, max_concurrency: int = 100) -> None:
+        if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be a positive integer, got {max_concurrency!r}")
+        self._sync = sync = PrefactorHttpClient(config, sdk_header=sdk_header)
+        super().__init__(self, sync)
+        self.config, self.max_concurrency = config, max_concurrency
+        self._pool: ThreadPoolExecutor | None = None
+        self._calls: set[_Stop] = set()
+        self.agent_instances = _AsyncAgentInstances(self, sync.agent_instances)
+        self.agent_spans = _AsyncAgentSpans(self, sync.agent_spans)
+        self.agents = _AsyncAgents(self, sync.agents)
+        self.bulk = _AsyncBulk(self, sync.bulk)
 
     async def __aenter__(self) -> AsyncPrefactorHttpClient:
         return self
@@ -1892,14 +2030,39 @@ class AsyncPrefactorHttpClient:
     def __repr__(self) -> str:
         return f"AsyncPrefactorHttpClient(api_url={self.config.api_url!r})"
 
+    sdk_header = _sdk_header = property(
+        lambda self: self._sync.sdk_header, lambda self, value: setattr(self._sync, "sdk_header", value)
+    )
+
+    validate_token = _aio(PrefactorHttpClient.validate_token)
+    request = _aio(PrefactorHttpClient.request)
+
     async def close(self) -> None:
+        """Stop the calls under way, close the connections, end the worker threads."""
+        for stop in list(self._calls):
+            stop.cancel(self._sync._transport)
         self._sync.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)  # at once: their waits and sockets were ended above
 
-    async def validate_token(self) -> dict[str, Any]:
-        return await _AsyncGroup(self._sync).validate_token()  # type: ignore[no-any-return]
+    async def _run(self, function: Callable[_P, _R], /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        import asyncio
 
-    async def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        return await _AsyncGroup(self._sync).request(method, path, **kwargs)  # type: ignore[no-any-return]
+        if self._sync._closed:
+            raise PrefactorClientError("the client is closed")
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.max_concurrency, "prefactor-http")
+        stop = _Stop()
+        self._calls.add(stop)
+        try:
+            return await asyncio.wrap_future(self._pool.submit(stop.run, function, *args, **kwargs))
+        except asyncio.CancelledError:
+            stop.cancel(self._sync._transport)  # a queued call was withdrawn from the pool already
+            raise
+        finally:
+            self._calls.discard(stop)
 
 
 # ============================================================================ #
@@ -1976,7 +2139,7 @@ class LocalApiServer:
             disable_nagle_algorithm = True  # headers and body leave without delay
             timeout = 60  # an idle keep-alive connection is let go after this
 
-            def log_message(self, *args: Any) -> None:
+            def log_message(self, format: str, *args: Any) -> None:
                 pass
 
             def serve(self) -> None:

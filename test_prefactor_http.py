@@ -450,15 +450,15 @@ class WireTests(ApiTestCase):
         get = {k.lower(): v for k, v in self.last()["headers"].items()}
         self.assertEqual(get["authorization"], "Bearer " + TOKEN)
         self.assertEqual(get["accept"], "application/json")
-        self.assertEqual(get["user-agent"], f"prefactor-http/{ph.__version__} python/%d.%d" % sys.version_info[:2])
-        self.assertEqual(get["x-prefactor-sdk"], f"prefactor-http@{ph.__version__}")
+        self.assertEqual(get["user-agent"], "prefactor-http-stdlib/0.2.0 python/{}.{}".format(*sys.version_info[:2]))
+        self.assertEqual(get["x-prefactor-sdk"], "prefactor-http-stdlib@0.2.0")
         self.assertNotIn("content-type", get)
         upstream = PrefactorHttpClient(self.api.config(), sdk_header="prefactor-core@0.5.3")
         self.addCleanup(upstream.close)
         upstream.agent_instances.register({"name": "v"}, agent_id="a")
         post = {k.lower(): v for k, v in self.last()["headers"].items()}
         self.assertEqual(post["content-type"], "application/json")
-        self.assertEqual(post["x-prefactor-sdk"], f"prefactor-core@0.5.3 prefactor-http@{ph.__version__}")
+        self.assertEqual(post["x-prefactor-sdk"], "prefactor-core@0.5.3 prefactor-http-stdlib@0.2.0")
 
     def test_api_url_path_prefix_is_kept(self):
         client, _ = make_client(self.api.url + "/prefix/")
