@@ -1489,6 +1489,7 @@ class _Agents(_Group):
         return self._one("POST", "/api/v1/agent", "agents.create", body)
 
     def get(self, agent_id: str) -> Agent:
+        """One agent by id."""
         return self._one("GET", self._path(agent_id), "agents.get")
 
     def update(self, agent_id: str, details: Mapping[str, Any], idempotency_key: str | None = None) -> Agent:
@@ -1528,12 +1529,15 @@ class _Agents(_Group):
         return self._one(method, path, "agents." + (action.strip("/") or "delete"), body)
 
     def retire(self, agent_id: str, idempotency_key: str | None = None) -> Agent:
+        """Retire an agent (POST /api/v1/agent/{id}/retire)."""
         return self._action(agent_id, "/retire", "POST", idempotency_key)
 
     def reinstate(self, agent_id: str, idempotency_key: str | None = None) -> Agent:
+        """Reinstate a retired agent."""
         return self._action(agent_id, "/reinstate", "POST", idempotency_key)
 
     def delete(self, agent_id: str, idempotency_key: str | None = None) -> Agent:
+        """Delete an agent (DELETE); a lost answer retried is not "not found"."""
         return self._action(agent_id, "", "DELETE", idempotency_key)
 
     def _page(self, filters: dict[str, Any], offset: int | None, page_size: int | None) -> ListResponse:
