@@ -20,12 +20,12 @@ Quick start::
         client.agent_spans.finish(span.id, status="complete")
         client.agent_instances.finish(inst.id, status="complete")
 
-Promises: connections are reused; every POST carries an idempotency key that is
+Promises: connections are reused; every POST, PUT and DELETE carries a key that is
 resent on every retry; retries follow ``Retry-After``; one attempt never exceeds
 ``request_timeout`` and one call never exceeds ``total_timeout``; redirects are
 never followed and the token never appears in a repr, a message or a log line.
 
-``python -m prefactor_http demo`` shows it working against a local stand-in API.
+``python3 -m prefactor_http demo`` shows it working against a local stand-in API.
 """
 
 from __future__ import annotations
@@ -155,6 +155,8 @@ _monotonic = time.monotonic
 
 class PrefactorHttpError(Exception):
     """Base class of every error a call can raise (bad arguments aside)."""
+
+    _unsent = False  # True when the request failed before any byte of it was sent
 
 
 class PrefactorApiError(PrefactorHttpError):
@@ -1106,7 +1108,9 @@ class _Transport:
         except (OSError, ValueError) as exc:
             if conn is not None:
                 self._drop(conn)
-            raise self._translate(exc, method, path, timeout_text) from exc
+            error = self._translate(exc, method, path, timeout_text)
+            error._unsent = conn is None  # failed while connecting: nothing of the request left
+            raise error from exc
 
     def _translate(self, exc: BaseException, method: str, path: str, timeout_text: str) -> PrefactorHttpError:
         """Map one socket, ssl or parsing failure to our error classes."""
@@ -1494,11 +1498,8 @@ class _Agents(_Group):
 
     def update(self, agent_id: str, details: Mapping[str, Any], idempotency_key: str | None = None) -> Agent:
         """Change name, description, owner, risk profile or team (PUT)."""
-        path = self._path(agent_id)
-        body: dict[str, Any] = {"details": _details_arg(details)}
-        if idempotency_key is not None:  # PUT is idempotent by itself: a key only when given
-            body["idempotency_key"] = _check_key(idempotency_key)
-        return self._one("PUT", path, "agents.update", body)
+        body = {"details": _details_arg(details), "idempotency_key": self._client._key(idempotency_key)}
+        return self._one("PUT", self._path(agent_id), "agents.update", body)
 
     def show(
         self,
@@ -1522,11 +1523,10 @@ class _Agents(_Group):
         return self._one("GET", "/api/v1/agent/show", "agents.show", query=query)
 
     def _action(self, agent_id: str, action: str, method: str, key: str | None) -> Agent:
-        path = self._path(agent_id, action)
-        if method == "POST":  # every POST carries a key, generated if not given
-            key = self._client._key(key)
-        body = {"idempotency_key": _check_key(key)} if key is not None else None
-        return self._one(method, path, "agents." + (action.strip("/") or "delete"), body)
+        # The key goes in the body, for DELETE too (as upstream): a retried delete
+        # whose answer was lost gets the first answer again, not a 404.
+        body = {"idempotency_key": self._client._key(key)}
+        return self._one(method, self._path(agent_id, action), "agents." + (action.strip("/") or "delete"), body)
 
     def retire(self, agent_id: str, idempotency_key: str | None = None) -> Agent:
         """Retire an agent (POST /api/v1/agent/{id}/retire)."""
@@ -1564,12 +1564,9 @@ class _Agents(_Group):
         page_size: int | None = None,
     ) -> list[AgentSummary]:
         """One page of agents."""
-        filters = {
-            "risk_profile_id": risk_profile_id,
-            "team_id": team_id,
-            "owner_person_id": owner_person_id,
-            "sorting": sorting,
-        }
+        filters = dict(
+            risk_profile_id=risk_profile_id, team_id=team_id, owner_person_id=owner_person_id, sorting=sorting
+        )
         return self._page(filters, offset, page_size).summaries
 
     def iter_agents(
@@ -1581,12 +1578,9 @@ class _Agents(_Group):
         page_size: int | None = None,
     ) -> Iterator[AgentSummary]:
         """Every agent, page by page; a page is fetched when the last is used up."""
-        filters = {
-            "risk_profile_id": risk_profile_id,
-            "team_id": team_id,
-            "owner_person_id": owner_person_id,
-            "sorting": sorting,
-        }
+        filters = dict(
+            risk_profile_id=risk_profile_id, team_id=team_id, owner_person_id=owner_person_id, sorting=sorting
+        )
         offset: int | None = None
         while True:
             page = self._page(filters, offset, page_size)
@@ -1720,21 +1714,22 @@ class PrefactorHttpClient:
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
         """Call any endpoint with the client's retries and errors: the escape hatch.
-        The body is sent as given; ``idempotency_key`` goes in an
-        ``Idempotency-Key`` header, as upstream."""
+        A mutating call's JSON-object body gets an ``idempotency_key`` (yours, or
+        one made for this call) unless it has one; yours also goes in an
+        ``Idempotency-Key`` header, as upstream. A mutating call whose body cannot
+        carry a key (none, a list) is not retried once it may have reached the server."""
         method = method.upper()
         if method not in ("GET", "POST", "PUT", "PATCH", "DELETE"):
             raise ValueError(f"unsupported method {method!r}")
-        if (
-            not isinstance(path, str)
-            or not path.startswith("/")
-            or not path.isascii()
-            or not path.isprintable()
-            or any(c in path for c in " #")
-        ):
+        if not isinstance(path, str) or not re.fullmatch(r'/[!"$-~]*', path):  # printable ASCII but space, #
             raise ValueError(f"path must start with '/' and hold no spaces or '#', got {path!r}")
         extra = [("Idempotency-Key", _check_key(idempotency_key))] if idempotency_key else None
-        return self._call(method, path, body=json_data, query=params, operation=f"{method} {path}", extra_headers=extra)
+        keyed = isinstance(json_data, dict)  # only a JSON object can carry the key
+        if keyed and method != "GET" and json_data.get("idempotency_key") is None:
+            json_data = {**json_data, "idempotency_key": self._key(idempotency_key or None)}
+        resend = keyed or method == "GET"  # a keyless mutation is sent at most once
+        op = f"{method} {path}"
+        return self._call(method, path, body=json_data, query=params, operation=op, extra_headers=extra, resend=resend)
 
     def _key(self, key: str | None) -> str:
         """The caller's key, checked, or a new one made once per call."""
@@ -1751,8 +1746,10 @@ class PrefactorHttpClient:
         body: Any = None,
         query: Mapping[str, Any] | None = None,
         extra_headers: list[tuple[str, str]] | None = None,
+        resend: bool = True,
     ) -> dict[str, Any]:
-        """Send with retries: one flat loop of send, decide, log, sleep."""
+        """Send with retries: one flat loop of send, decide, log, sleep. With
+        ``resend=False`` only an attempt that sent nothing is retried."""
         if self._closed:
             raise PrefactorClientError("the client is closed")
         if query:
@@ -1783,7 +1780,7 @@ class PrefactorHttpClient:
             except PrefactorHttpError as error:
                 self._log(method, path, attempt, began, error)
                 delay = self._retry_delay(error, attempt, total_deadline)
-                if delay is None:
+                if delay is None or not (resend or error._unsent):
                     raise
                 if attempt >= config.max_retries:
                     if config.max_retries == 0:
@@ -2553,28 +2550,42 @@ _BULK_TYPES = {
 
 
 # ============================================================================ #
-# Command line: python -m prefactor_http {demo,ping,send}
+# Command line: python3 -m prefactor_http {demo,ping,send}
 # ============================================================================ #
 
 
-def _cli_config(args: Any, **overrides: Any) -> HttpClientConfig:
+def _cli_config(args: Any, local: LocalApiServer | None = None, **defaults: Any) -> HttpClientConfig:
+    """Flags, then PREFACTOR_API_URL / PREFACTOR_API_TOKEN; a bad value is a ValueError."""
+    values = {**defaults, **_drop_none(request_timeout=args.timeout, max_retries=args.retries)}
+    if local is not None:
+        return local.config(**values)
     url = args.api_url or os.environ.get("PREFACTOR_API_URL")
     token = args.api_token or os.environ.get("PREFACTOR_API_TOKEN")
     if not url or not token:
-        raise SystemExit("error: set PREFACTOR_API_URL and PREFACTOR_API_TOKEN (or --api-url/--api-token)")
-    return HttpClientConfig(api_url=url, api_token=token, **overrides)
+        raise ValueError("set PREFACTOR_API_URL and PREFACTOR_API_TOKEN (or --api-url/--api-token)")
+    return HttpClientConfig(api_url=url, api_token=token, **values)
+
+
+def _cli_failure(error: BaseException) -> tuple[int, str]:
+    """Exit status and message of a failure, the same for every command: 2 token
+    refused or bad configuration, 3 network failure, 1 any other error answer."""
+    cause = getattr(error, "last_error", None) or error
+    if isinstance(cause, PrefactorAuthError):
+        return 2, f"auth failed: {cause}; check PREFACTOR_API_TOKEN"
+    if isinstance(cause, PrefactorConnectionError):
+        return 3, f"network failure: {error}; check PREFACTOR_API_URL, proxies and the network"
+    if isinstance(cause, (ValueError, OSError)):
+        return 2, f"error: {cause}"
+    return 1, f"unexpected answer: {error}"
 
 
 def _cli_demo(args: Any) -> int:
     """Run one agent lifecycle and print it as a tree with timings."""
-    local = None
-    if args.api_url or os.environ.get("PREFACTOR_API_URL"):
-        config = _cli_config(args)
-    else:
-        local = LocalApiServer().start()
-        config = local.config()
-        print(f"No API configured: using a local stand-in at {local.url}\n")
+    local = None if args.api_url or os.environ.get("PREFACTOR_API_URL") else LocalApiServer()
     try:
+        config = _cli_config(args, local and local.start())
+        if local is not None:
+            print(f"No API configured: using a local stand-in at {local.url}\n")
         with PrefactorHttpClient(config) as client:
             began = _monotonic()
             inst = client.agent_instances.register(
@@ -2620,125 +2631,139 @@ def _cli_demo(args: Any) -> int:
 
 
 def _cli_ping(args: Any) -> int:
-    """Check the URL and token; exit 0 ok, 2 auth refused, 3 network failure."""
-    config = _cli_config(args, max_retries=0, request_timeout=args.timeout)
+    """Check the URL and token and print the round-trip time."""
+    config = _cli_config(args, max_retries=0, request_timeout=10.0)
     began = _monotonic()
-    try:
-        with PrefactorHttpClient(config) as client:
-            client.validate_token()
-    except PrefactorAuthError as exc:
-        print(f"auth failed: {config.api_url} refused the token ({exc}); check PREFACTOR_API_TOKEN")
-        return 2
-    except PrefactorConnectionError as exc:
-        print(f"network failure: {exc}; check PREFACTOR_API_URL, proxies and the network")
-        return 3
-    except PrefactorHttpError as exc:
-        print(f"unexpected answer: {exc}")
-        return 1
+    with PrefactorHttpClient(config) as client:
+        client.validate_token()
     print(f"ok: {config.api_url} accepted the token in {(_monotonic() - began) * 1000:.1f} ms")
     return 0
 
 
 def _cli_send(args: Any) -> int:
-    """Send JSON-lines bulk items in chunks; failed or unprocessed lines go,
-    unchanged, to the rejects file."""
+    """Send JSON-lines bulk items in chunks. A line not stored goes, unchanged, to
+    the rejects file, written aside and moved into place at the end, so it may be
+    the input. A refused token or an unreachable API stops the sending."""
+    import tempfile
+
     config = _cli_config(args)
-    source = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")  # noqa: SIM115
-    rejects: Any = None
-    counts = {"sent": 0, "ok": 0, "rejected": 0}
-    tty = sys.stderr.isatty()
+    rejects = os.path.abspath(args.rejects)
+    clear = "\r\x1b[K" if sys.stderr.isatty() else ""  # clears the progress line, shown on a terminal only
+    text: Any = {"encoding": "utf-8", "errors": "surrogateescape", "newline": ""}  # lines kept byte for byte
+    source = open(0 if args.file == "-" else args.file, closefd=args.file != "-", **text)  # noqa: SIM115
+    handle, temp = tempfile.mkstemp(".tmp", ".prefactor-rejects-", os.path.dirname(rejects))
+    counts = {"ok": 0, "rejected": 0}
+    keys: dict[str, int] = {}  # the line where each key was seen
+    stop: list[tuple[int, str]] = []  # exit status and message of the failure that ended sending
+    chunk: list[tuple[int, str, dict[str, Any]]] = []
 
-    def reject(line: str, why: str) -> None:
-        nonlocal rejects
-        if rejects is None:
-            rejects = open(args.rejects, "w", encoding="utf-8")  # noqa: SIM115
-        rejects.write(line if line.endswith("\n") else line + "\n")
+    def reject(line: str, why: str | None) -> None:
+        out.write(line if line.endswith("\n") else line + "\n")
         counts["rejected"] += 1
-        print(f"rejected: {why}", file=sys.stderr)
+        if why:
+            print(f"{clear}rejected: {why}", file=sys.stderr)
 
-    def flush(chunk: list[tuple[int, str, dict[str, Any]]]) -> None:
-        if not chunk:
-            return
+    def flush() -> None:
+        outputs: dict[str, Any] = {}
         try:
-            outputs = client.bulk.execute([item for _, _, item in chunk]).outputs
+            if chunk and not stop:
+                outputs = client.bulk.execute([item for _, _, item in chunk]).outputs
         except PrefactorHttpError as exc:
-            outputs, failure = {}, str(exc)
-        else:
-            failure = "not processed (an earlier item in its chunk failed)"
+            code, message = _cli_failure(exc)
+            if code > 1:  # token refused or API unreachable: send nothing more
+                stop.append((code, message))
+            else:
+                print(f"{clear}rejected: lines {chunk[0][0]}-{chunk[-1][0]}: {message}", file=sys.stderr)
         for number, line, item in chunk:
             output = outputs.get(item["idempotency_key"])
             if output is not None and output.status == "success":
                 counts["ok"] += 1
-            elif output is not None:
-                reject(line, f"line {number}: {output.code}: {output.message}")
-            else:
-                reject(line, f"line {number}: {failure}")
-        counts["sent"] += len(chunk)
-        if tty:
-            print(f"\rsent {counts['sent']} items, {counts['rejected']} rejected", end="", file=sys.stderr)
+            else:  # an error, after one (not processed), or the whole request failed (outputs empty)
+                why = f"{output.code}: {output.message}" if output else "not processed (an earlier item failed)"
+                reject(line, f"line {number}: {why}" if outputs else None)
         chunk.clear()
+        if clear:
+            print(f"{clear}{counts['ok']} sent, {counts['rejected']} rejected", end="", file=sys.stderr)
 
-    with PrefactorHttpClient(config) as client, source:
-        chunk: list[tuple[int, str, dict[str, Any]]] = []
-        keys: set[str] = set()
-        for number, line in enumerate(source, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-                BulkRequest([item])
-            except ValueError as exc:
-                reject(line, f"line {number}: {' '.join(str(exc).split())}")
-                continue
-            if item["idempotency_key"] in keys:
-                flush(chunk)
-                keys.clear()
-            keys.add(item["idempotency_key"])
-            chunk.append((number, line, item))
-            if len(chunk) >= args.chunk:
-                flush(chunk)
-                keys.clear()
-        flush(chunk)
-    if tty:
-        print(file=sys.stderr)
-    if rejects is not None:
-        rejects.close()
-    print(
-        f"{counts['ok']} sent, {counts['rejected']} rejected"
-        + (f"; rejects written to {os.path.abspath(args.rejects)}" if counts["rejected"] else "")
-    )
-    return 1 if counts["rejected"] else 0
+    try:
+        with PrefactorHttpClient(config) as client, source, open(handle, "w", **text) as out:
+            for number, line in enumerate(source, 1):
+                if not line.strip():
+                    continue
+                if stop:  # sending has ended: the rest goes to the rejects file as it is
+                    reject(line, None)
+                    continue
+                try:  # without its ending: a cut-off string is not an "invalid control character"
+                    item = json.loads(line.rstrip("\r\n"))
+                    key = BulkRequest([item]).items[0].idempotency_key
+                    if key in keys:
+                        raise ValueError(f"idempotency_key {key!r} repeats line {keys[key]}")
+                except ValueError as exc:
+                    what = "not JSON" if isinstance(exc, json.JSONDecodeError) else "not a bulk item"
+                    reject(line, f"line {number}: {what}: {' '.join(str(exc).split())}")
+                    continue
+                keys[key] = number
+                chunk.append((number, line, item))
+                if len(chunk) >= args.chunk:
+                    flush()
+            flush()
+        os.replace(temp, rejects)
+        if not counts["rejected"]:
+            os.remove(rejects)  # a clean run leaves no rejects file, not even an earlier one
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+    print(clear, end="", file=sys.stderr)
+    written = f"; rejects written to {rejects}" if counts["rejected"] else ""
+    print(f"{counts['ok']} sent, {counts['rejected']} rejected{written}")
+    if stop:
+        print(f"{stop[0][1]}; every unsent line is in the rejects file", file=sys.stderr)
+    return stop[0][0] if stop else int(counts["rejected"] > 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m prefactor_http`` and ``prefactor-http``."""
+    """Entry point of ``python3 -m prefactor_http`` and ``prefactor-http``."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="prefactor-http", description="Prefactor API client tools.")
-    parser.add_argument("--api-url", help="API base URL (default: $PREFACTOR_API_URL)")
-    parser.add_argument("--api-token", help="API token (default: $PREFACTOR_API_TOKEN; prefer the variable)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log every HTTP attempt to stderr")
+    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    common.add_argument("--api-url", help="API base URL (default: $PREFACTOR_API_URL)")
+    common.add_argument("--api-token", help="API token (default: $PREFACTOR_API_TOKEN; prefer the variable)")
+    common.add_argument("--timeout", type=float, help="seconds for one attempt (default: ping 10, others 30)")
+    common.add_argument("--retries", type=int, help="retries of a failed request (default: ping 0, others 3)")
+    common.add_argument("-v", "--verbose", action="store_true", help="log every HTTP attempt to stderr")
+    parser = argparse.ArgumentParser(
+        prog="prefactor-http",
+        description="Prefactor API client tools. Options go before or after the command.",
+        epilog="exit status: 0 ok, 1 items rejected by the API, 2 token refused or bad usage, 3 network failure",
+        parents=[common],
+    )
     parser.add_argument("--version", action="version", version=f"prefactor-http {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-    demo = commands.add_parser("demo", help="run one agent lifecycle and print it as a tree")
-    demo.set_defaults(run=_cli_demo)
-    ping = commands.add_parser("ping", help="check the URL and token (exit 0 ok, 2 auth, 3 network)")
-    ping.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default 10)")
-    ping.set_defaults(run=_cli_ping)
-    send = commands.add_parser("send", help="send bulk items from JSON lines")
+    for name, run, what in (
+        ("demo", _cli_demo, "run one agent lifecycle and print it as a tree"),
+        ("ping", _cli_ping, "check the URL and token"),
+        ("send", _cli_send, "send bulk items from JSON lines"),
+    ):
+        commands.add_parser(name, parents=[common], help=what).set_defaults(run=run)
+    send = commands.choices["send"]
     send.add_argument("file", nargs="?", default="-", help="JSON-lines file, or - for stdin (default)")
     send.add_argument("--chunk", type=int, default=100, help="items per bulk request (default 100)")
-    send.add_argument("--rejects", default="prefactor-rejects.jsonl", help="where failed lines go")
-    send.set_defaults(run=_cli_send)
-    args = parser.parse_args(argv)
+    send.add_argument("--rejects", default="prefactor-rejects.jsonl", help="where failed lines go (may be FILE)")
+    unset = argparse.Namespace(api_url=None, api_token=None, timeout=None, retries=None, verbose=False)
+    args = parser.parse_args(argv, unset)  # the options given, before or after the command
     if args.verbose:
         import logging
 
         logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(name)s %(message)s")
     if getattr(args, "chunk", 1) < 1:
         parser.error("--chunk must be at least 1")
-    return int(args.run(args))
+    try:
+        return int(args.run(args))
+    except (PrefactorHttpError, ValueError, OSError) as exc:
+        code, message = _cli_failure(exc)
+        print(" ".join(message.split()), file=sys.stderr)  # one line, never a traceback
+        return code
 
 
 def __getattr__(name: str) -> Any:

@@ -5,7 +5,7 @@ module) for behaviour, and ``FaultServer`` below, a raw-socket server that plays
 script of actions per connection to inject faults. ``sleep`` and ``random`` are
 injected into clients so backoff is asserted exactly and nothing waits.
 
-Run: ``python -m unittest -v`` (nothing to install) or ``pytest``.
+Run: ``python3 -m unittest -v`` (nothing to install) or ``pytest``.
 """
 
 from __future__ import annotations
@@ -1113,7 +1113,8 @@ class AgentTests(ApiTestCase):
         self.assertEqual(self.last()["body"]["details"], {"name": "a1", "external_identifier": "ext-1"})
         self.assertEqual(agents.get(agent.id).name, "a1")
         updated = agents.update(agent.id, {"description": "d"})
-        self.assertEqual((self.last()["method"], self.last()["body"]), ("PUT", {"details": {"description": "d"}}))
+        self.assertEqual((self.last()["method"], self.last()["body"]["details"]), ("PUT", {"description": "d"}))
+        self.assertRegex(self.last()["body"]["idempotency_key"], r"^[0-9a-f-]{36}$")
         self.assertEqual(updated.description, "d")
         shown = agents.show(external_identifier="ext-1", include_counts=True)
         self.assertEqual(self.last()["query"], {"external_identifier": "ext-1", "include_counts": "true"})
@@ -1121,8 +1122,8 @@ class AgentTests(ApiTestCase):
         self.assertEqual(agents.retire(agent.id).status, "retired")
         self.assertEqual(set(self.last()["body"]), {"idempotency_key"})
         self.assertEqual(agents.reinstate(agent.id, idempotency_key="reinstate-1").status, "active")
-        agents.delete(agent.id)
-        self.assertEqual((self.last()["method"], self.last()["body"]), ("DELETE", None))
+        agents.delete(agent.id, idempotency_key="delete-1")
+        self.assertEqual((self.last()["method"], self.last()["body"]), ("DELETE", {"idempotency_key": "delete-1"}))
         self.assertEqual(self.api.agents, {})
 
     def test_list_and_lazy_iteration(self):
@@ -1654,11 +1655,11 @@ class CliTests(unittest.TestCase):
             self.assertRegex(ok.stdout, r"ok: .* in [\d.]+ ms")
             bad = self.run_cli("ping", url=api.url, token="wrong-token")
             self.assertEqual(bad.returncode, 2)
-            self.assertIn("auth failed", bad.stdout)
+            self.assertIn("auth failed", bad.stderr)
         gone = self.run_cli("ping", url=api_gone_url())
         self.assertEqual(gone.returncode, 3)
-        self.assertIn("network failure", gone.stdout)
-        self.assertNotIn(TOKEN, ok.stdout + bad.stdout + gone.stdout)
+        self.assertIn("network failure", gone.stderr)
+        self.assertNotIn(TOKEN, ok.stdout + bad.stdout + gone.stdout + bad.stderr + gone.stderr)
 
     def test_verbose_logs_each_attempt_without_the_token(self):
         with LocalApiServer(token=TOKEN) as api:
@@ -1706,6 +1707,273 @@ class CliTests(unittest.TestCase):
         self.assertIn(rejects, out.stdout)
         self.assertIn("line 3:", out.stderr)
         self.assertIn("line 6: not processed", out.stderr)
+
+
+class EveryDoorIsIdempotentTests(ApiTestCase):
+    """Promise 2 at the doors besides the typed POSTs: request(), PUT, DELETE."""
+
+    def span_body(self, inst_id):
+        return {"details": {"agent_instance_id": inst_id, "schema_name": "agent:llm", "status": "active"}}
+
+    def test_request_with_a_lost_answer_stores_one_record_with_or_without_a_key(self):
+        inst = self.active_instance()
+        for key in (None, "caller-key-7"):
+            with self.subTest(key=key):
+                before = len(self.api.spans)
+                self.api.drop_next(when="after", path="/api/v1/agent_spans")
+                data = self.client.request(
+                    "POST", "/api/v1/agent_spans", json_data=self.span_body(inst.id), idempotency_key=key
+                )
+                self.assertEqual(len(self.api.spans), before + 1)
+                self.assertIn(data["details"]["id"], self.api.spans)
+                first, second = self.api.requests[-2:]
+                self.assertEqual(first["body"], second["body"])
+                self.assertEqual(first["body"]["idempotency_key"], key or first["body"]["idempotency_key"])
+                self.assertEqual(second["headers"].get("Idempotency-Key"), key)
+
+    def test_request_keeps_the_callers_body_key_and_does_not_touch_the_callers_dict(self):
+        body = {**self.span_body(self.active_instance().id), "idempotency_key": "body-key-1"}
+        sent = dict(body)
+        self.client.request("POST", "/api/v1/agent_spans", json_data=body)
+        self.assertEqual(self.last()["body"], sent)
+        self.assertEqual(body, sent)
+
+    def test_update_whose_answer_was_lost_does_not_undo_a_later_update(self):
+        agent = self.client.agents.create({"name": "first"})
+        other, _ = make_client(self.api.url)
+        self.addCleanup(other.close)
+        # While the client waits to retry its lost PUT, someone else renames the agent.
+        self.client._sleep = lambda delay: other.agents.update(agent.id, {"name": "third"})
+        self.api.drop_next(when="after", path=f"/api/v1/agent/{agent.id}")
+        self.assertEqual(self.client.agents.update(agent.id, {"name": "second"}).id, agent.id)
+        self.assertEqual(self.api.agents[agent.id]["name"], "third")  # the retry changed nothing
+        puts = [r for r in self.api.requests if r["method"] == "PUT"]
+        self.assertEqual(len(puts), 3)
+        self.assertEqual(puts[0]["body"], puts[2]["body"])
+
+    def test_delete_whose_answer_was_lost_is_not_reported_as_not_found(self):
+        agent = self.client.agents.create({"name": "doomed"})
+        self.api.drop_next(when="after", path=f"/api/v1/agent/{agent.id}")
+        deleted = self.client.agents.delete(agent.id)
+        self.assertEqual(deleted.id, agent.id)
+        self.assertEqual(self.api.agents, {})
+        first, second = [r for r in self.api.requests if r["method"] == "DELETE"]
+        self.assertEqual(first["body"], second["body"])
+        self.assertRegex(first["body"]["idempotency_key"], r"^[0-9a-f-]{36}$")
+        again = self.client.agents.delete(agent.id, idempotency_key=first["body"]["idempotency_key"])
+        self.assertEqual(again.id, agent.id)  # the stand-in replays DELETE by key, like POST
+
+    def test_a_mutation_that_cannot_carry_a_key_is_not_resent_once_sent(self):
+        agent = self.client.agents.create({"name": "a"})
+        for method, path, body in (
+            ("DELETE", f"/api/v1/agent/{agent.id}", None),
+            ("POST", "/api/v1/bulk", [{"_type": "agents/list", "idempotency_key": "list-key-1"}]),
+        ):
+            with self.subTest(method=method):
+                before = len(self.api.requests)
+                self.api.drop_next(when="after", path=path)
+                with self.assertRaises(ph.PrefactorConnectionError):
+                    self.client.request(method, path, json_data=body)
+                self.assertEqual(len(self.api.requests), before + 1)
+        self.assertEqual(self.sleeps, [])
+
+    def test_a_mutation_that_cannot_carry_a_key_is_retried_when_nothing_was_sent(self):
+        client, sleeps = make_client(api_gone_url(), max_retries=2, initial_retry_delay=0.01)
+        self.addCleanup(client.close)
+        with self.assertRaises(ph.PrefactorRetryExhaustedError) as caught:
+            client.request("DELETE", "/api/v1/agent/a1")
+        self.assertIn("refused", str(caught.exception.last_error))
+        self.assertEqual(len(sleeps), 2)
+
+
+def start_cli_in(folder, *args, url=None, token=TOKEN):
+    """Start ``python3 -m prefactor_http ARGS`` in ``folder`` (the module found by PYTHONPATH)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFACTOR_")}
+    env["PYTHONPATH"] = HERE
+    if url:
+        env.update(PREFACTOR_API_URL=url, PREFACTOR_API_TOKEN=token)
+    pipe = subprocess.PIPE
+    return subprocess.Popen(
+        [sys.executable, "-m", "prefactor_http", *args], cwd=folder, env=env, stdin=pipe, stdout=pipe, stderr=pipe
+    )
+
+
+def finish_cli(proc, stdin=None):
+    out, err = proc.communicate(stdin, timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_cli_in(folder, *args, stdin=None, **env):
+    return finish_cli(start_cli_in(folder, *args, **env), stdin)
+
+
+class CliNeverLosesALineTests(unittest.TestCase):
+    def setUp(self):
+        self.folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.folder)
+        self.api = LocalApiServer(token=TOKEN).start()
+        self.addCleanup(self.api.stop)
+        with PrefactorHttpClient(self.api.config()) as client:
+            inst = client.agent_instances.register({"name": "v"}, agent_id="a")
+            client.agent_instances.start(inst.id)
+        self.inst = inst.id
+
+    def span(self, n, instance=None, end=b"\n", tag="send"):
+        item = {
+            "_type": "agent_spans/create",
+            "idempotency_key": f"{tag}-key-{n:05d}",
+            "agent_instance_id": instance or self.inst,
+            "schema_name": "s",
+            "status": "active",
+            "id": f"{tag}-span-{n:05d}",
+        }
+        return json.dumps(item).encode() + end
+
+    def write(self, name, lines):
+        path = os.path.join(self.folder, name)
+        with open(path, "wb") as f:
+            f.writelines(lines)
+        return path
+
+    def rejects(self, name="prefactor-rejects.jsonl"):
+        path = os.path.join(self.folder, name)
+        if not os.path.exists(path):
+            return []
+        with open(path, "rb") as f:
+            return f.read().splitlines(keepends=True)
+
+    def assert_every_line_stored_or_rejected(self, lines, rejected):
+        left = list(rejected)
+        for number, line in enumerate(lines, 1):
+            try:
+                stored = json.loads(line).get("id") in self.api.spans
+            except ValueError:
+                stored = False
+            if not stored:
+                self.assertIn(line, left, f"line {number} lost")
+                left.remove(line)
+        self.assertEqual([line for line in left if line not in lines], [], "lines that were not in the input")
+
+    def thousand_lines(self, tag):
+        lines = [b"{not json\n"]  # one bad line at the top, as in the issue
+        for n in range(2, 1001):
+            if n % 97 == 0:
+                lines.append(self.span(n, instance="missing-instance", tag=tag))  # the server refuses it
+            elif n % 89 == 0:
+                lines.append(lines[1])  # a key repeated within the file
+            elif n % 83 == 0:
+                lines.append(b'{"_type": "agent_spans/create", "idempotency_key": "cut-off\r\n')
+            elif n == 500:
+                lines.append(b"\xff\xfe not utf-8\n")
+            else:
+                lines.append(self.span(n, end=b"\r\n" if n % 7 == 0 else b"\n", tag=tag))
+        return lines
+
+    def test_the_rejects_file_may_be_the_input_and_is_sent_again(self):
+        for name, extra in (("prefactor-rejects.jsonl", []), ("mine.jsonl", ["--rejects", "mine.jsonl"])):
+            with self.subTest(name):
+                lines = self.thousand_lines(tag=name[:4])
+                self.write(name, lines)
+                out = run_cli_in(self.folder, "send", name, *extra, url=self.api.url)
+                self.assertEqual(out.returncode, 1, out.stderr)
+                rejected = self.rejects(name)
+                self.assert_every_line_stored_or_rejected(lines, rejected)
+                self.assertGreater(len(self.api.spans), 500)
+                again = run_cli_in(self.folder, "send", name, *extra, url=self.api.url)  # as the README advises
+                self.assertEqual(again.returncode, 1, again.stderr)
+                self.assert_every_line_stored_or_rejected(lines, self.rejects(name))
+                self.assertNotIn(b"Invalid control character", out.stderr)
+                self.assertIn(b"line 1: not JSON", out.stderr)
+                self.assertIn(
+                    b"line 178: not a bulk item: idempotency_key '" + name[:4].encode() + b"-key-00002' repeats line 2",
+                    out.stderr,
+                )
+                self.assertEqual([f for f in os.listdir(self.folder) if f.endswith(".tmp")], [])
+
+    def test_a_clean_run_exits_0_and_leaves_no_stale_rejects_file(self):
+        self.write("prefactor-rejects.jsonl", [b"stale line from an earlier run\n"])
+        input_path = self.write("in.jsonl", [self.span(1), self.span(2, end=b"")])
+        out = run_cli_in(self.folder, "send", input_path, url=self.api.url)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertEqual(out.stdout.strip(), b"2 sent, 0 rejected")
+        self.assertEqual(sorted(os.listdir(self.folder)), ["in.jsonl"])
+
+    def test_a_whole_bulk_request_failing_rejects_its_lines_and_the_next_chunk_goes_on(self):
+        lines = [self.span(n) for n in range(1, 151)]
+        self.api.fail_next(422, path="/api/v1/bulk")
+        out = run_cli_in(self.folder, "send", "--chunk", "100", url=self.api.url, stdin=b"".join(lines))
+        self.assertEqual(out.returncode, 1, out.stderr)
+        self.assertEqual(self.rejects(), lines[:100])
+        self.assertEqual(len(self.api.spans), 50)
+        self.assertEqual(out.stderr.count(b"\n"), 1, out.stderr)  # one line for the chunk, not one per item
+
+    def test_an_unreachable_api_stops_after_the_first_chunks_attempts(self):
+        lines = [self.span(n) for n in range(1, 251)]
+        server = FaultServer([("drop_before",)])
+        self.addCleanup(server.close)
+        out = run_cli_in(self.folder, "send", "--chunk", "100", "--retries", "1", url=server.url, stdin=b"".join(lines))
+        self.assertEqual(out.returncode, 3, out.stderr)
+        self.assertEqual(server.connections, 2)  # one chunk, first attempt and one retry; then no more
+        self.assertEqual(self.rejects(), lines)
+        self.assertEqual(out.stderr.count(b"\n"), 1, out.stderr)
+        self.assertIn(b"network failure", out.stderr)
+        closed = run_cli_in(self.folder, "send", "--retries", "0", url=api_gone_url(), stdin=b"".join(lines))
+        self.assertEqual(closed.returncode, 3, closed.stderr)
+        self.assertEqual(self.rejects(), lines)
+
+    def test_a_refused_token_stops_after_the_first_request(self):
+        lines = [self.span(n) for n in range(1, 251)]
+        before = len(self.api.requests)
+        out = run_cli_in(
+            self.folder, "send", "--chunk", "100", url=self.api.url, token="wrong-token", stdin=b"".join(lines)
+        )
+        self.assertEqual(out.returncode, 2, out.stderr)
+        self.assertEqual(len(self.api.requests), before + 1)
+        self.assertEqual(self.rejects(), lines)
+        self.assertIn(b"auth failed", out.stderr)
+        self.assertEqual(self.api.spans, {})
+
+
+class CliConfigurationTests(unittest.TestCase):
+    def assert_one_line(self, out, code=2):
+        self.assertEqual(out.returncode, code, out.stderr)
+        self.assertNotIn(b"Traceback", out.stderr)
+        self.assertEqual(out.stderr.strip().count(b"\n"), 0, out.stderr)
+        self.assertNotIn(TOKEN.encode(), out.stderr + out.stdout)
+
+    def test_bad_configuration_is_one_line_and_exit_2_for_every_command(self):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        gone = api_gone_url()
+        started = [
+            (command, args, start_cli_in(folder, *args, command))  # at once: each only starts and fails
+            for command in ("ping", "send", "demo")
+            for args in (
+                ["--api-url", "ftp://example.com", "--api-token", TOKEN],
+                ["--api-url", gone, "--api-token", "two words"],
+                ["--api-url", gone, "--api-token", TOKEN, "--timeout", "0"],
+                ["--api-url", gone],
+            )
+        ]
+        for command, args, proc in started:
+            with self.subTest(command=command, args=args):
+                self.assert_one_line(finish_cli(proc, b""))
+        self.assertEqual(os.listdir(folder), [])
+
+    def test_options_go_before_or_after_the_command(self):
+        with LocalApiServer(token=TOKEN) as api:
+            after = run_cli_in(HERE, "ping", "--api-url", api.url, "--api-token", TOKEN, "-v")
+            before = run_cli_in(HERE, "--api-url", api.url, "--api-token", TOKEN, "ping", "--timeout", "5")
+        for out in (after, before):
+            self.assertEqual(out.returncode, 0, out.stderr)
+            self.assertIn(b"accepted the token", out.stdout)
+        self.assertIn(b"GET /api/v1/ping -> 200", after.stderr)
+
+    def test_demo_with_a_refused_token_is_one_line_and_exit_2(self):
+        with LocalApiServer(token=TOKEN) as api:
+            out = run_cli_in(HERE, "demo", url=api.url, token="wrong-token")
+        self.assert_one_line(out)
+        self.assertIn(b"auth failed", out.stderr)
 
 
 def api_gone_url() -> str:
