@@ -99,9 +99,14 @@ TYPE_CHECKING = False  # as typing.TYPE_CHECKING, without importing typing (~5 m
 if TYPE_CHECKING:  # typing-only imports keep `import prefactor_http` cheap
     import logging
     import ssl
-    from collections.abc import Iterator, Mapping, Sequence
-    from typing import Any, Callable, Literal
+    from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping, Sequence
+    from concurrent.futures import ThreadPoolExecutor
+    from typing import Any, Callable, Literal, TypeVar
 
+    from typing_extensions import Concatenate, ParamSpec  # in typing from 3.10
+
+    _P = ParamSpec("_P")
+    _R = TypeVar("_R")
     AgentStatus = Literal["pending", "active", "complete", "failed", "cancelled", "terminated"]
     FinishStatus = Literal["complete", "failed", "cancelled"]
     InstancePurpose = Literal["live", "smoke_test", "eval"]
@@ -740,8 +745,7 @@ class AgentSchemaVersionForRegister(_RequestModel):
     quality_schemas: list[Any] | None = None
 
 
-# The other models upstream 0.4.3 exports, so that importing them works: keyword
-# fields in, serialised like the helpers above; a dict works wherever they do.
+# The other models upstream 0.4.3 exports: keyword fields in, serialised as above (a dict works too).
 class RuntimeEnvironment(_RequestModel): ...
 
 
@@ -1047,7 +1051,7 @@ class _Transport:
             raise
         conn = _Connection(sock)
         with self._lock:
-            if self.closed or _stopped():  # close() or a cancel ran while this call was under way
+            if self.closed or _CALL.stop.is_set():  # close() or a cancel came while connecting
                 conn.close()
                 raise PrefactorClientError("the client was closed during the call")
             self._open.add(conn)
@@ -1788,9 +1792,8 @@ class PrefactorHttpClient:
                     raise PrefactorRetryExhaustedError(
                         f"{operation} failed after {attempt + 1} attempts: {error}", error
                     ) from error
-                stop = getattr(_CALL, "stop", None)  # set while AsyncPrefactorHttpClient runs the call
-                (stop.wait if stop else self._sleep)(delay)
-                if self._closed or _stopped():
+                self._sleep(delay)
+                if self._closed:
                     raise PrefactorClientError("the client was closed during the call") from error
                 attempt += 1
                 continue
@@ -1886,27 +1889,16 @@ def _snippet(text: str) -> str:
 # ============================================================================ #
 
 
-if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Coroutine
-    from concurrent.futures import ThreadPoolExecutor
-    from typing import TypeVar
-
-    from typing_extensions import Concatenate, ParamSpec  # in typing from 3.10; read by type checkers only
-
-    _P = ParamSpec("_P")
-    _R = TypeVar("_R")
-
-_CALL = threading.local()  # .stop: the _Stop of the async call that this worker thread runs
+class _Call(threading.local):
+    stop = threading.Event()  # never set; AsyncPrefactorHttpClient's workers set their call's own
 
 
-def _stopped() -> bool:
-    stop = getattr(_CALL, "stop", None)
-    return stop is not None and stop.is_set()
+_CALL = _Call()
 
 
 class _Stop(threading.Event):
-    """Set when the task awaiting a call is cancelled, or its client closed: the
-    call stops at its next step (see AsyncPrefactorHttpClient)."""
+    """Set when the task awaiting a call is cancelled (or its client closed): the
+    call stops at its next step, as AsyncPrefactorHttpClient says."""
 
     thread: int | None = None  # the worker running the call, while it runs
     lock = threading.Lock()
@@ -1916,11 +1908,11 @@ class _Stop(threading.Event):
             self.thread = threading.get_ident()
         _CALL.stop = self
         try:
-            if self.is_set():
+            if self.is_set():  # cancelled as it left the queue
                 raise PrefactorClientError("the call was cancelled")
             return function(*args, **kwargs)
         finally:
-            _CALL.stop = None
+            del _CALL.stop
             with self.lock:
                 self.thread = None
 
@@ -1930,6 +1922,12 @@ class _Stop(threading.Event):
             for conn in list(transport._open):
                 if conn.thread == self.thread:
                     conn.shutdown()  # the read waiting for an answer ends now
+
+
+def _stoppable_sleep(delay: float) -> None:
+    """The backoff wait of an async call: it ends when the call is cancelled."""
+    if _CALL.stop.wait(delay):
+        raise PrefactorClientError("the call was cancelled")
 
 
 def _aio(method: Callable[Concatenate[Any, _P], _R]) -> Callable[Concatenate[_AsyncGroup, _P], Coroutine[Any, Any, _R]]:
@@ -1962,7 +1960,6 @@ class _AsyncGroup:
 
 
 class _AsyncAgentInstances(_AsyncGroup):
-    __slots__ = ()
     register = _aio(_AgentInstances.register)
     start = _aio(_AgentInstances.start)
     finish = _aio(_AgentInstances.finish)
@@ -1971,13 +1968,11 @@ class _AsyncAgentInstances(_AsyncGroup):
 
 
 class _AsyncAgentSpans(_AsyncGroup):
-    __slots__ = ()
     create = _aio(_AgentSpans.create)
     finish = _aio(_AgentSpans.finish)
 
 
 class _AsyncAgents(_AsyncGroup):
-    __slots__ = ()
     create = _aio(_Agents.create)
     get = _aio(_Agents.get)
     update = _aio(_Agents.update)
@@ -1990,29 +1985,25 @@ class _AsyncAgents(_AsyncGroup):
 
 
 class _AsyncBulk(_AsyncGroup):
-    __slots__ = ()
     execute = _aio(_Bulk.execute)
 
 
 class AsyncPrefactorHttpClient(_AsyncGroup):
     """The same groups and methods, awaitable: ``async with`` and ``await``.
 
-    Calls run the synchronous client in this client's own worker threads, up to
-    ``max_concurrency`` at once (never in the loop's default executor); they start
-    with the first call and stop with ``close()``, so a process that runs
-    ``asyncio.run()`` per invocation (Lambda) keeps no threads or sockets.
-
-    Cancelling an awaited call stops it at its next step. Queued: it never starts.
-    Connecting: the new connection is closed unused. Waiting for the answer: its
-    socket is shut down. In backoff: the wait ends. No attempt follows in any state.
-    A request already sent may still have been stored by the server (its
-    idempotency key makes sending it again safe). ``close()`` stops calls the same way.
+    Calls run the sync client in this client's own worker threads, up to
+    ``max_concurrency`` at once; the threads start with the first call and end,
+    with their connections, at ``close()``. Cancelling an awaited call stops it at
+    its next step, with no further attempt: queued, it never starts; connecting,
+    the connection is closed unused; waiting for the answer, its socket is shut
+    down; in backoff, the wait ends. What was sent may still have been stored.
     """
 
     def __init__(self, config: HttpClientConfig, *, sdk_header: str | None = None, max_concurrency: int = 100) -> None:
         if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1:
             raise ValueError(f"max_concurrency must be a positive integer, got {max_concurrency!r}")
         self._sync = sync = PrefactorHttpClient(config, sdk_header=sdk_header)
+        sync._sleep = _stoppable_sleep
         super().__init__(self, sync)
         self.config, self.max_concurrency = config, max_concurrency
         self._pool: ThreadPoolExecutor | None = None
@@ -2044,7 +2035,7 @@ class AsyncPrefactorHttpClient(_AsyncGroup):
             stop.cancel(self._sync._transport)
         self._sync.close()
         if self._pool is not None:
-            self._pool.shutdown(wait=True)  # at once: their waits and sockets were ended above
+            self._pool.shutdown(wait=True)  # soon: their waits and sockets were ended above
 
     async def _run(self, function: Callable[_P, _R], /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         import asyncio
@@ -2060,7 +2051,7 @@ class AsyncPrefactorHttpClient(_AsyncGroup):
         try:
             return await asyncio.wrap_future(self._pool.submit(stop.run, function, *args, **kwargs))
         except asyncio.CancelledError:
-            stop.cancel(self._sync._transport)  # a queued call was withdrawn from the pool already
+            stop.cancel(self._sync._transport)  # (a queued call was withdrawn from the pool)
             raise
         finally:
             self._calls.discard(stop)
