@@ -1909,7 +1909,7 @@ class _Stop(threading.Event):
         _CALL.stop = self
         try:
             if self.is_set():  # cancelled as it left the queue
-                raise PrefactorClientError("the call was cancelled")
+                raise PrefactorClientError("the call was cancelled (or its client closed)")
             return function(*args, **kwargs)
         finally:
             del _CALL.stop
@@ -1927,7 +1927,7 @@ class _Stop(threading.Event):
 def _stoppable_sleep(delay: float) -> None:
     """The backoff wait of an async call: it ends when the call is cancelled."""
     if _CALL.stop.wait(delay):
-        raise PrefactorClientError("the call was cancelled")
+        raise PrefactorClientError("the call was cancelled (or its client closed)")
 
 
 def _aio(method: Callable[Concatenate[Any, _P], _R]) -> Callable[Concatenate[_AsyncGroup, _P], Coroutine[Any, Any, _R]]:
