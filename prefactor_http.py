@@ -1904,8 +1904,7 @@ class _Stop(threading.Event):
     lock = threading.Lock()
 
     def run(self, function: Callable[_P, _R], /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
-        with self.lock:
-            self.thread = threading.get_ident()
+        self.thread = threading.get_ident()  # before the check below: cancel() then sees it
         _CALL.stop = self
         try:
             if self.is_set():  # cancelled as it left the queue
@@ -1953,8 +1952,6 @@ def _aiter(
 
 
 class _AsyncGroup:
-    __slots__ = ("_client", "_group")
-
     def __init__(self, client: AsyncPrefactorHttpClient, group: Any) -> None:
         self._client, self._group = client, group
 
