@@ -1685,8 +1685,7 @@ class PrefactorHttpClient:
 
     @property
     def sdk_header(self) -> str | None:
-        """What ``X-Prefactor-SDK`` names before this client (``pkg@version ...``); it
-        may be changed at any time, also as upstream's ``_sdk_header`` (the SDK does)."""
+        """``X-Prefactor-SDK`` entries before this client's own; settable, also as ``_sdk_header``."""
         return self._sdk
 
     @sdk_header.setter
@@ -1892,6 +1891,10 @@ def _snippet(text: str) -> str:
 class _Call(threading.local):
     stop = threading.Event()  # never set; AsyncPrefactorHttpClient's workers set their call's own
 
+    def sleep(self, delay: float) -> None:  # an async call's backoff wait: it ends with the call
+        if self.stop.wait(delay):
+            raise PrefactorClientError("the call was cancelled (or its client closed)")
+
 
 _CALL = _Call()
 
@@ -1921,12 +1924,6 @@ class _Stop(threading.Event):
             for conn in list(transport._open):
                 if conn.thread == self.thread:
                     conn.shutdown()  # the read waiting for an answer ends now
-
-
-def _stoppable_sleep(delay: float) -> None:
-    """The backoff wait of an async call: it ends when the call is cancelled."""
-    if _CALL.stop.wait(delay):
-        raise PrefactorClientError("the call was cancelled (or its client closed)")
 
 
 def _aio(method: Callable[Concatenate[Any, _P], _R]) -> Callable[Concatenate[_AsyncGroup, _P], Coroutine[Any, Any, _R]]:
@@ -2000,7 +1997,7 @@ class AsyncPrefactorHttpClient(_AsyncGroup):
         if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1:
             raise ValueError(f"max_concurrency must be a positive integer, got {max_concurrency!r}")
         self._sync = sync = PrefactorHttpClient(config, sdk_header=sdk_header)
-        sync._sleep = _stoppable_sleep
+        sync._sleep = _CALL.sleep
         super().__init__(self, sync)
         self.config, self.max_concurrency = config, max_concurrency
         self._pool: ThreadPoolExecutor | None = None
