@@ -1195,6 +1195,30 @@ ASYNC_METHODS = {
 }
 
 
+class HeldTlsServer(Listener):
+    """Accepts, holds the TLS handshake until ``go`` is set, then records what comes."""
+
+    def __init__(self, cert_file: str):
+        import ssl
+
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(cert_file)
+        self.go, self.done, self.requests = threading.Event(), threading.Event(), []
+        super().__init__()
+
+    def handle(self, conn, index):
+        self.go.wait(30)
+        try:
+            with self.context.wrap_socket(conn, server_side=True) as tls:
+                request = read_request(tls)
+                if request:
+                    self.requests.append(request)
+        except OSError:
+            pass
+        finally:
+            self.done.set()
+
+
 class AsyncFacadeTests(FaultTestCase):
     """The async client: its own worker pool, cancellation that stops, real signatures."""
 
@@ -1266,6 +1290,30 @@ class AsyncFacadeTests(FaultTestCase):
             asyncio.run(main())
             self.assertEqual([r["path"] for r in api.requests], ["/api/v1/ping"] * 2)  # no retry, no create
             self.assertEqual(api.agents, {})
+
+    def test_a_call_cancelled_while_connecting_sends_nothing(self):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        cert_file = os.path.join(folder, "cert.pem")
+        with open(cert_file, "w") as f:
+            f.write(CERT_PEM + KEY_PEM)
+        server = HeldTlsServer(cert_file)
+        self.addCleanup(server.close)
+        client = self.async_client(f"https://127.0.0.1:{server.port}", ca_file=cert_file)
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            call = asyncio.ensure_future(client.validate_token())
+            accepted = await loop.run_in_executor(None, wait_until, lambda: server.connections == 1)
+            call.cancel()  # while the TLS handshake is held
+            await asyncio.gather(call, return_exceptions=True)
+            server.go.set()  # now the connection completes: the cancelled call must not use it
+            ended = await loop.run_in_executor(None, server.done.wait, 10)
+            await client.close()
+            return accepted, ended
+
+        self.assertEqual(asyncio.run(main()), (True, True))
+        self.assertEqual((server.connections, server.requests), (1, []))
 
     def test_asyncio_run_per_invocation_leaves_threads_and_descriptors_flat(self):
         if not os.path.isdir("/proc/self/fd"):
