@@ -1921,7 +1921,7 @@ class _Stop(threading.Event):
     def cancel(self, transport: _Transport) -> None:
         with self.lock:
             self.set()
-            for conn in list(transport._open):
+            for conn in transport._open.copy():  # other threads add and drop theirs meanwhile
                 if conn.thread == self.thread:
                     conn.shutdown()  # the read waiting for an answer ends now
 
