@@ -91,8 +91,8 @@ import time
 from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from functools import lru_cache, update_wrapper
-from urllib.parse import quote, urlencode, urlsplit
+from functools import cached_property, lru_cache, update_wrapper
+from urllib.parse import quote, unquote, urlencode, urlsplit
 
 TYPE_CHECKING = False  # as typing.TYPE_CHECKING, without importing typing (~5 ms)
 
@@ -127,6 +127,7 @@ _MIN_BULK_KEY_LENGTH = 8
 _MAX_KEY_PREFIX = _MAX_KEY_LENGTH - 36
 #: Error messages quote this much of a body that is not the expected JSON.
 _SNIPPET_LENGTH = 200
+_MAX_QUOTED = 1024 * 1024  # an error body is read for its envelope (and redacted) in its first MiB only
 #: Read unknown-length bodies in pieces of this size, checking the size limit.
 _READ_CHUNK = 64 * 1024
 
@@ -161,7 +162,9 @@ _monotonic = time.monotonic
 class PrefactorHttpError(Exception):
     """Base class of every error a call can raise (bad arguments aside)."""
 
-    _unsent = False  # True when the request failed before any byte of it was sent
+    # Set by the transport: the request failed before any byte of it was sent, or on a
+    # reused connection before any byte of its answer (the path had died while idle).
+    _unsent = _stale = False
 
 
 class PrefactorApiError(PrefactorHttpError):
@@ -316,7 +319,8 @@ class HttpClientConfig:
 
     The fields of the upstream client keep their names and defaults. New:
     ``total_timeout`` bounds a whole call with its retries and waits (set it from
-    a Lambda's remaining time), ``ca_file`` adds a CA bundle (a corporate proxy's),
+    a Lambda's remaining time), ``keepalive_timeout`` retires idle connections (a
+    NAT gateway forgets them), ``ca_file`` adds a CA bundle (a corporate proxy's),
     ``trust_env`` honours ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY``.
     """
 
@@ -331,6 +335,7 @@ class HttpClientConfig:
     retry_on_status_codes: tuple[int, ...] = (429, 500, 502, 503, 504)
     default_idempotency_key: str | None = None
     total_timeout: float | None = None
+    keepalive_timeout: float = 15.0
     ca_file: str | None = None
     trust_env: bool = True
 
@@ -351,6 +356,7 @@ class HttpClientConfig:
         _check_header_value("api_token", self.api_token)
         for name in ("request_timeout", "connect_timeout", "initial_retry_delay", "max_retry_delay"):
             _positive(name, getattr(self, name))
+        _positive("keepalive_timeout", self.keepalive_timeout)
         if self.total_timeout is not None:
             _positive("total_timeout", self.total_timeout)
         if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
@@ -403,7 +409,7 @@ def _parse_datetime(value: Any, where: str) -> datetime:
     digits; a naive one is taken as UTC."""
     parsed = _parse_iso(value) if isinstance(value, str) else None
     if parsed is None:
-        raise PrefactorResponseContractError(f"{where} is not an ISO-8601 timestamp: {value!r:.60}")
+        raise PrefactorResponseContractError(f"{where} is not an ISO-8601 timestamp")  # unquoted: it may be a secret
     return parsed
 
 
@@ -914,32 +920,27 @@ def _check_deadline(sock: Any) -> None:
     sock.settimeout(remaining)
 
 
-_TLS_SOCKET: Any = None
-
-
+@lru_cache(maxsize=1)
 def _tls_socket_class() -> Any:
     """The TLS twin of _DeadlineSocket, made when the first https URL needs it."""
-    global _TLS_SOCKET
-    if _TLS_SOCKET is None:
-        import ssl
+    import ssl
 
-        class _DeadlineTLSSocket(ssl.SSLSocket):
-            deadline: float
+    class _DeadlineTLSSocket(ssl.SSLSocket):
+        deadline: float
 
-            def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
-                _check_deadline(self)
-                return super().recv_into(buffer, nbytes, flags)  # type: ignore[arg-type,unused-ignore]
+        def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
+            _check_deadline(self)
+            return super().recv_into(buffer, nbytes, flags)  # type: ignore[arg-type,unused-ignore]
 
-        _TLS_SOCKET = _DeadlineTLSSocket
-    return _TLS_SOCKET
+    return _DeadlineTLSSocket
 
 
 def _open_socket(address: tuple[str, int], timeout: float, deadline: float) -> _DeadlineSocket:
-    """socket.create_connection, but the socket is a _DeadlineSocket and trying
-    one address after another stays within the attempt's deadline."""
+    """socket.create_connection, but the socket is a _DeadlineSocket, and name
+    resolution and trying one address after another stay within the deadline."""
     host, port = address
     error: OSError | None = None
-    for family, kind, proto, _, addr in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+    for family, kind, proto, _, addr in _resolve(host, port, min(_monotonic() + timeout, deadline)):
         sock = _DeadlineSocket(family, kind, proto)
         sock.deadline = deadline  # bounds a proxy's CONNECT answer too
         try:
@@ -952,19 +953,43 @@ def _open_socket(address: tuple[str, int], timeout: float, deadline: float) -> _
     raise error or OSError(f"no address found for {host}")
 
 
-def _proxy_for(scheme: str, host: str) -> str | None:
-    """The proxy URL for a request, read from the environment as curl does."""
+_getaddrinfo = socket.getaddrinfo  # replaceable in tests by a resolver that never answers
+
+
+def _resolve(host: str, port: int, deadline: float) -> list[Any]:
+    """getaddrinfo (which has no timeout) in a daemon thread, waited for until the deadline."""
+    try:
+        return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        result: list[Any] = [socket.timeout(f"cannot resolve {host} in time")]
+
+    def resolve() -> None:
+        try:
+            result[0] = _getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+        except BaseException as exc:  # handed to the caller
+            result[0] = exc
+
+    thread = threading.Thread(target=resolve, daemon=True)
+    thread.start()
+    thread.join(max(deadline - _monotonic(), 0))
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]  # type: ignore[no-any-return]
+
+
+def _proxy_for(scheme: str, host: str, port: int) -> str | None:
+    """The proxy URL for a request, read from the environment as curl does. NO_PROXY
+    entries: a name (and its subdomains) or an IP, with an optional port (``[::1]:443``)."""
     env = os.environ
     no_proxy = env.get("no_proxy", env.get("NO_PROXY", ""))
     for entry in no_proxy.replace(" ", "").lower().split(","):
-        entry = entry.lstrip(".").split(":")[0] if entry != "*" else entry
-        if entry == "*" or (entry and (host == entry or host.endswith("." + entry))):
+        with_port = entry.count(":") == 1 or (entry.startswith("[") and "]:" in entry)  # not "::1"
+        name, _, entry_port = entry.rpartition(":") if with_port else (entry, "", "")
+        name = name.strip("[]").lstrip(".")
+        if entry == "*" or (name and (host == name or host.endswith("." + name)) and entry_port in ("", str(port))):
             return None
-    names = [f"{scheme}_proxy", "all_proxy", "ALL_PROXY"]
-    if scheme == "https" or "REQUEST_METHOD" not in env:  # CGI: HTTP_PROXY is a header
-        names.insert(1, f"{scheme.upper()}_PROXY")
-    for name in names:
-        if env.get(name):
+    for name in (f"{scheme}_proxy", f"{scheme.upper()}_PROXY", "all_proxy", "ALL_PROXY"):
+        if env.get(name) and (name != "HTTP_PROXY" or "REQUEST_METHOD" not in env):  # CGI: HTTP_PROXY is a header
             return env[name]
     return None
 
@@ -981,17 +1006,15 @@ class _Transport:
         self.tls = parts.scheme == "https"
         self.host: str = parts.hostname  # type: ignore[assignment]
         self.port = parts.port or (443 if self.tls else 80)
-        self.connect_timeout = config.connect_timeout
-        self.ca_file = config.ca_file
+        self.config = config  # read at each use: a Lambda may change timeouts between calls
         self.secrets = [config.api_token]
         self.proxy: tuple[str, int] | None = None
         self.proxy_auth: str | None = None
         self.target_prefix = parts.path.rstrip("/")
-        default_port = self.port == (443 if self.tls else 80)
-        self.authority = (f"[{self.host}]" if ":" in self.host else self.host) + (
-            "" if default_port else f":{self.port}"
-        )
-        proxy = _proxy_for(parts.scheme, self.host.lower()) if config.trust_env else None
+        bracketed = f"[{self.host}]" if ":" in self.host else self.host
+        self.target = f"{bracketed}:{self.port}"  # CONNECT's, always with the port
+        self.authority = bracketed if self.port == (443 if self.tls else 80) else self.target
+        proxy = _proxy_for(parts.scheme, self.host.lower(), self.port) if config.trust_env else None
         if proxy:
             self._use_proxy(proxy)
         if self.proxy and not self.tls:  # plain HTTP through a proxy: absolute URL, credentials inline
@@ -999,106 +1022,112 @@ class _Transport:
             if self.proxy_auth:
                 headers = [*headers, ("Proxy-Authorization", self.proxy_auth)]
         self.head = "".join(f"{k}: {v}\r\n" for k, v in [("Host", self.authority), *headers]).encode()
-        self._context: ssl.SSLContext | None = None
-        self._local = threading.local()
+        self._local = threading.local()  # a thread's connection, closed when the thread ends
         self._lock = threading.Lock()
-        self._open: set[_Connection] = set()
+        self._open: dict[Any, Any] = {}  # socket -> reader, for close(); not the connections themselves
         self.closed = False
 
     def _use_proxy(self, url: str) -> None:
-        proxy = urlsplit(url if "://" in url else "http://" + url)
-        if proxy.scheme != "http" or not proxy.hostname:
-            raise ValueError("only http:// proxies are supported (the proxy URL is not shown)")
-        self.proxy = (proxy.hostname, proxy.port or 8080)
+        try:  # urlsplit's and .port's own errors may quote the password; an unencoded '/?#' ends it early
+            proxy: Any = urlsplit(url if "://" in url else "http://" + url)
+            self.proxy = (proxy.hostname, proxy.port or 8080)
+            valid = proxy.scheme == "http" and proxy.hostname and "@" not in proxy.path + proxy.query + proxy.fragment
+        except ValueError:
+            proxy = valid = None
+        if not valid:
+            raise ValueError("the proxy URL (not shown) must be http://[user:pass@]host[:port], '/?#@' percent-encoded")
         if proxy.username is not None:
             from base64 import b64encode
-            from urllib.parse import unquote
 
             user, password = unquote(proxy.username), unquote(proxy.password or "")
             token = b64encode(f"{user}:{password}".encode()).decode()
             self.proxy_auth = "Basic " + token
-            self.secrets += [s for s in (password, token) if len(s) >= 4]
+            self.secrets += [password, token]
 
+    @cached_property
     def _ssl_context(self) -> ssl.SSLContext:
-        if self._context is None:
-            import ssl
+        import ssl
 
-            context = ssl.create_default_context()  # verified; honours SSL_CERT_FILE
-            if self.ca_file:
-                context.load_verify_locations(cafile=self.ca_file)
-            context.sslsocket_class = _tls_socket_class()
-            self._context = context
-        return self._context
+        context = ssl.create_default_context()  # verified; honours SSL_CERT_FILE
+        if self.config.ca_file:
+            context.load_verify_locations(cafile=self.config.ca_file)
+        context.sslsocket_class = _tls_socket_class()
+        return context
 
     def _connect(self, deadline: float) -> _Connection:
         """A new connection (through the proxy's tunnel, TLS verified) for this thread."""
-        timeout = max(min(self.connect_timeout, deadline - _monotonic()), 0.001)  # for each step of connecting
+        timeout = max(min(self.config.connect_timeout, deadline - _monotonic()), 0.001)  # for each step
         sock: Any = _open_socket(self.proxy or (self.host, self.port), timeout, deadline)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.proxy and self.tls:
                 auth = f"Proxy-Authorization: {self.proxy_auth}\r\n" if self.proxy_auth else ""
-                sock.sendall(f"CONNECT {self.authority} HTTP/1.1\r\nHost: {self.authority}\r\n{auth}\r\n".encode())
+                sock.sendall(f"CONNECT {self.target} HTTP/1.1\r\nHost: {self.target}\r\n{auth}\r\n".encode())
                 with sock.makefile("rb") as reader:  # nothing follows the answer until TLS starts
                     answer, _ = _read_response(reader, "CONNECT")
-                if answer.status != 200:
-                    raise OSError(f"the proxy refused the tunnel: {answer.status} {answer.reason}")
+                if answer.status != 200:  # a 407 (credentials) or 403 is not fixed by trying again
+                    why = self.redact(f"{answer.status} {answer.reason}")
+                    text = f"proxy {self.proxy[0]}:{self.proxy[1]} refused the tunnel to {self.target}: {why}"
+                    raise PrefactorConnectionError(text, transient=_transient_status(answer.status))
             if self.tls:
-                sock = self._ssl_context().wrap_socket(sock, server_hostname=self.host)
+                sock = self._ssl_context.wrap_socket(sock, server_hostname=self.host)
                 sock.deadline = deadline
         except BaseException:
             sock.close()
             raise
-        conn = _Connection(sock)
+        conn = _Connection(sock, self._open)
         with self._lock:
             if self.closed or _CALL.stop.is_set():  # close() or a cancel came while connecting
                 conn.close()
                 raise PrefactorClientError("the client was closed during the call")
-            self._open.add(conn)
+            self._open[sock] = conn.reader
         self._local.conn = conn
         return conn
 
     def _drop(self, conn: _Connection) -> None:
         self._local.conn = None
-        with self._lock:
-            self._open.discard(conn)
         conn.close()
 
     def close(self) -> None:
         with self._lock:
             self.closed = True
-            conns, self._open = self._open, set()
-        for conn in conns:
-            conn.shutdown()  # another thread may be waiting on it
-            conn.close()
+            conns, self._open = self._open, {}
+        for sock, reader in conns.copy().items():  # a copy: a connection dropped meanwhile removes itself
+            _shutdown(sock)  # first: closing the reader would wait for a thread blocked reading it
+            reader.close()
+            sock.close()
 
     def redact(self, text: str) -> str:
-        for secret in self.secrets:
-            if secret and secret in text:
-                text = text.replace(secret, "[REDACTED]")
-        return text
+        """The text without secrets; a longer one than _MAX_QUOTED (a body) is cut, less a margin for a cut secret."""
+        redacted = _redactor(*self.secrets).sub("[REDACTED]", text[:_MAX_QUOTED])
+        return redacted if len(text) <= _MAX_QUOTED else redacted[:-64]
 
     def round_trip(
         self, method: str, path: str, head: bytes, body: bytes | None, deadline: float, timeout_text: str
     ) -> tuple[_Response, bytes]:
         """One attempt: send, read the whole answer. Raises our errors only."""
         conn: _Connection | None = getattr(self._local, "conn", None)
+        reused = answered = False
         try:
-            if conn is not None and (conn.was_closed() or conn.pid != os.getpid()):
-                self._drop(conn)  # closed by the server while idle (or forked): reconnect, free of charge
+            if conn is not None and (
+                _monotonic() - conn.used > self.config.keepalive_timeout or conn.was_closed() or conn.pid != os.getpid()
+            ):
+                self._drop(conn)  # idle too long, closed by the server while idle, or forked: a new one, free
                 conn = None
+            reused = conn is not None
             if conn is None:
-                connect_timeout = min(self.connect_timeout, deadline - _monotonic())
-                timeout_text, request_text = f"no connection within {connect_timeout:.3g}s", timeout_text
-                conn = self._connect(deadline)
-                timeout_text = request_text
+                wait = min(self.config.connect_timeout, deadline - _monotonic())
+                text, timeout_text = timeout_text, f"no connection within {wait:.3g}s"
+                conn, timeout_text = self._connect(deadline), text
             sock = conn.sock
             sock.deadline = deadline
             sock.settimeout(max(deadline - _monotonic(), 0.001))
             sock.sendall(f"{method} {self.target_prefix}{path} HTTP/1.1\r\n".encode() + self.head + head)
             if body:
                 sock.sendall(body)  # apart from the head, as http.client does: one send was 2x slower on nginx
+            answered = not reused or bool(conn.reader.peek(1))  # the recv the reader makes anyway
             response, data = _read_response(conn.reader, method)
+            conn.used = _monotonic()
             if response.will_close:
                 self._drop(conn)
             return response, data
@@ -1114,12 +1143,13 @@ class _Transport:
                 self._drop(conn)
             error = self._translate(exc, method, path, timeout_text)
             error._unsent = conn is None  # failed while connecting: nothing of the request left
+            error._stale = reused and not answered and not isinstance(error, PrefactorTimeoutError)
             raise error from exc
 
-    def _translate(self, exc: BaseException, method: str, path: str, timeout_text: str) -> PrefactorHttpError:
-        """Map one socket, ssl or parsing failure to our error classes."""
-        if exc.args and any(isinstance(a, str) and self.redact(a) != a for a in exc.args):
-            exc.args = tuple(self.redact(a) if isinstance(a, str) else a for a in exc.args)
+    def _translate(self, exc: BaseException, method: str, path: str, timeout_text: str) -> PrefactorConnectionError:
+        """Map one socket, ssl or parsing failure to our errors (it stays the cause, redacted)."""
+        exc.args = tuple(self.redact(a) if isinstance(a, str) else a for a in exc.args)
+        exc.__cause__ = exc.__context__ = None  # a parse error's cause holds the raw bytes
         where = f"{method} {path}"
         name = type(exc).__name__
         if isinstance(exc, socket.timeout) or name == "TimeoutError":
@@ -1130,11 +1160,12 @@ class _Transport:
                 f" ({getattr(exc, 'verify_message', exc)}); set ca_file if a proxy re-signs traffic",
                 transient=False,
             )
+        host, port = self.proxy or (self.host, self.port)
+        via = "proxy " if self.proxy else ""
         if isinstance(exc, socket.gaierror):
-            return PrefactorConnectionError(f"{where}: cannot resolve {self.host}: {exc}")
+            return PrefactorConnectionError(f"{where}: cannot resolve {via}{host}: {exc}")
         if isinstance(exc, ConnectionRefusedError):
-            host, port = self.proxy or (self.host, self.port)
-            return PrefactorConnectionError(f"{where}: connection refused by {host}:{port}")
+            return PrefactorConnectionError(f"{where}: connection refused by {via}{host}:{port}")
         if isinstance(exc, _CutShort):
             return PrefactorConnectionError(f"{where}: {exc}")
         if isinstance(exc, ValueError):
@@ -1142,28 +1173,51 @@ class _Transport:
         return PrefactorConnectionError(f"{where}: {name}: {self.redact(str(exc))[:200]}")
 
 
+@lru_cache(maxsize=8)  # made on the first error, not at start
+def _redactor(*secrets: str) -> re.Pattern[str]:
+    """One pattern for the secrets, each character as it is or JSON- or %-escaped:
+    the whole secret or (cut by a length limit) its first 8 or more characters; a
+    secret under 4 characters only where it is not part of a longer word."""
+
+    def unit(c: str) -> str:
+        return f"(?:{re.escape(c)}|\\\\u(?i:{ord(c):04x})|%(?i:{ord(c):02x})|\\\\{re.escape(c)})"
+
+    patterns = []
+    for secret in filter(None, secrets):
+        head = "".join(map(unit, secret[:8]))
+        rest = "[" + re.escape("".join(set(secret[8:]))) + "]|\\\\u[0-9a-fA-F]{4}|%[0-9a-fA-F]{2}|\\\\."
+        patterns.append(f"(?<!\\w){head}(?!\\w)" if len(secret) < 4 else head + f"(?:{rest})*" * (len(secret) > 8))
+    return re.compile("|".join(patterns))
+
+
 class _Connection:
-    """One kept-alive connection: its socket, the buffered reader its answers are
-    read from, and the check for a close by the server while idle."""
+    """One kept-alive connection: socket, buffered reader, idle-close check, last use.
+    Dropped unclosed (its thread ended, its client was dropped), it closes itself."""
 
-    __slots__ = ("pid", "reader", "sock", "thread", "was_closed")
+    __slots__ = ("pid", "pool", "reader", "sock", "used", "was_closed")
 
-    def __init__(self, sock: Any) -> None:
+    def __init__(self, sock: Any, pool: dict[Any, Any]) -> None:
         self.sock = sock
+        self.pool = pool  # the transport's open sockets
         self.reader = sock.makefile("rb")  # kept: no bytes are read past an answer
         self.was_closed = _closed_check(sock)
         self.pid = os.getpid()  # a forked child must not talk on its parent's connection
-        self.thread = threading.get_ident()
-
-    def shutdown(self) -> None:
-        """Wake a thread blocked on this connection (close() alone would wait for it)."""
-        if self.pid == os.getpid():
-            with suppress(OSError):
-                socket.socket.shutdown(self.sock, socket.SHUT_RDWR)  # not ssl's: it drops the TLS state
+        self.used = _monotonic()
+        sock.owner = self.pid, threading.get_ident()  # for _shutdown
 
     def close(self) -> None:
+        self.pool.pop(self.sock, None)
         self.reader.close()
         self.sock.close()
+
+    __del__ = close
+
+
+def _shutdown(sock: Any, thread: int | None = None) -> None:
+    """Wake the thread blocked on a socket (of this process; of ``thread`` if given)."""
+    if sock.owner[0] == os.getpid() and thread in (None, sock.owner[1]):
+        with suppress(OSError):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)  # not ssl's: it drops the TLS state
 
 
 class _TooLarge(Exception):
@@ -1669,10 +1723,24 @@ class PrefactorHttpClient:
         self._closed = False
         self._sleep: Callable[[float], None] = time.sleep  # injectable for tests
         self._random: Callable[[], float] = _random
-        self.agent_instances = _AgentInstances(self)
-        self.agent_spans = _AgentSpans(self)
-        self.agents = _Agents(self)
-        self.bulk = _Bulk(self)
+
+    # The groups are made on each access, not kept: a kept group would point back at
+    # the client, and a dropped, unclosed client would hold its sockets until gc ran.
+    @property
+    def agent_instances(self) -> _AgentInstances:
+        return _AgentInstances(self)
+
+    @property
+    def agent_spans(self) -> _AgentSpans:
+        return _AgentSpans(self)
+
+    @property
+    def agents(self) -> _Agents:
+        return _Agents(self)
+
+    @property
+    def bulk(self) -> _Bulk:
+        return _Bulk(self)
 
     def __enter__(self) -> PrefactorHttpClient:
         return self
@@ -1724,7 +1792,7 @@ class PrefactorHttpClient:
         method = method.upper()
         if method not in ("GET", "POST", "PUT", "PATCH", "DELETE"):
             raise ValueError(f"unsupported method {method!r}")
-        if not isinstance(path, str) or not re.fullmatch(r'/[!"$-~]*', path):  # printable ASCII but space, #
+        if not isinstance(path, str) or not re.fullmatch(r'/[!"$-~]*', path):  # printable ASCII, no space or '#'
             raise ValueError(f"path must start with '/' and hold no spaces or '#', got {path!r}")
         extra = [("Idempotency-Key", _check_key(idempotency_key))] if idempotency_key else None
         keyed = isinstance(json_data, dict)  # only a JSON object can carry the key
@@ -1756,9 +1824,9 @@ class PrefactorHttpClient:
         if self._closed:
             raise PrefactorClientError("the client is closed")
         if query:
-            path += "?" + urlencode({k: _query_value(v) for k, v in query.items()})
+            path += ("&" if "?" in path else "?") + urlencode({k: _query_value(v) for k, v in query.items()})
         payload = None
-        head = b"\r\n"
+        head = b"\r\n" if method == "GET" else b"Content-Length: 0\r\n\r\n"
         if body is not None:
             payload = _encode_body(body, operation) if isinstance(body, dict) else _encode(body).encode()
             head = b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(payload)
@@ -1766,22 +1834,21 @@ class PrefactorHttpClient:
             head = "".join(f"{k}: {v}\r\n" for k, v in extra_headers).encode() + head
         head = self._sdk_line + head
         config = self.config
-        start = _monotonic()
-        total_deadline = start + config.total_timeout if config.total_timeout else float("inf")
-        attempt = 0
+        total_deadline = _monotonic() + config.total_timeout if config.total_timeout else float("inf")
+        attempt, free = 0, resend  # free: one resend that costs no retry (promise 1)
         while True:
             began = _monotonic()
             deadline = min(began + config.request_timeout, total_deadline)
-            timeout_text = (  # config may change between calls (a Lambda sets total_timeout)
-                f"no answer within total_timeout={config.total_timeout}s"
-                if deadline == total_deadline
-                else f"no answer within request_timeout={config.request_timeout}s"
-            )
+            limit = "total_timeout" if deadline == total_deadline else "request_timeout"
+            timeout_text = f"no answer within {limit}={getattr(config, limit)}s"  # config may change between calls
             try:
                 response, data = self._transport.round_trip(method, path, head, payload, deadline, timeout_text)
                 result = self._interpret(response, data, method, path)
             except PrefactorHttpError as error:
                 self._log(method, path, attempt, began, error)
+                if error._stale and free:  # a kept-alive connection had died: send again at once
+                    free = False
+                    continue
                 delay = self._retry_delay(error, attempt, total_deadline)
                 if delay is None or not (resend or error._unsent):
                     raise
@@ -1822,46 +1889,42 @@ class PrefactorHttpClient:
         return delay
 
     def _interpret(self, response: _Response, data: bytes, method: str, path: str) -> dict[str, Any]:
-        status = response.status
+        status, redact = response.status, self._transport.redact
         if 200 <= status < 300:
             try:
                 result = _decode(data.decode())
-            except ValueError as exc:
-                snippet = _snippet(self._transport.redact(data.decode("utf-8", "replace")))
-                raise PrefactorResponseContractError(
-                    f"{method} {path}: expected JSON, got {response.getheader('Content-Type') or 'no type'}: {snippet}",
-                    status_code=status,
-                    body_snippet=snippet,
-                    cause=exc,
-                ) from None
-            if not isinstance(result, dict):
-                raise PrefactorResponseContractError(
-                    f"{method} {path}: expected a JSON object, got {type(result).__name__}",
-                    status_code=status,
-                    body_snippet=_snippet(self._transport.redact(data.decode("utf-8", "replace"))),
-                )
-            return result
-        text = self._transport.redact(data.decode("utf-8", "replace"))
-        retry_after = _parse_retry_after(response.getheader("Retry-After"))
+            except ValueError as exc:  # it holds the raw body (.doc, .object): neither kept nor chained
+                result = ValueError(redact(str(exc)))
+            if isinstance(result, dict):
+                return result
+            cause = result if isinstance(result, ValueError) else None
+            quoted = _snippet(redact(data.decode("utf-8", "replace")))
+            kind = response.getheader("Content-Type") or "no type"
+            expected = f"JSON, got {kind}: {quoted}" if cause else f"a JSON object, got {type(result).__name__}"
+            raise PrefactorResponseContractError(
+                redact(f"{method} {path}: expected {expected}"), status_code=status, body_snippet=quoted, cause=cause
+            )
+        text = redact(data.decode("utf-8", "replace"))
         try:
-            envelope = json.loads(text) if text else None
+            envelope = _decode(text)
         except ValueError:
             envelope = None
-        if isinstance(envelope, dict):
-            code = envelope.get("code")
-            message = envelope.get("message") or envelope.get("error")
-            errors, snippet = envelope.get("errors"), None  # type: ignore[assignment]
-        else:
-            code, message, errors, snippet = None, None, None, _snippet(text)
-            if 300 <= status < 400:
-                message = f"{method} {path}: redirect to {_snippet(response.getheader('Location') or '?')} not followed"
+        snippet = None if isinstance(envelope, dict) else _snippet(text)
+        envelope = envelope if isinstance(envelope, dict) else {}
+        message = envelope.get("message") or envelope.get("error")
+        if status == 407 and self._transport.proxy:  # the proxy's own answer (plain HTTP through it)
+            message = "{} {}: proxy {}:{} asks for credentials (407)".format(method, path, *self._transport.proxy)
+        if not message and 300 <= status < 400:
+            message = (
+                f"{method} {path}: redirect to {_snippet(redact(response.getheader('Location') or '?'))} not followed"
+            )
         if not message:
             kind = response.getheader("Content-Type") or "no content type"
             message = f"{method} {path}: HTTP {status} ({kind})" + (f": {snippet}" if snippet else "")
+        retry_after = _parse_retry_after(response.getheader("Retry-After"))
         cls = _STATUS_ERRORS.get(status, PrefactorApiError)
-        raise cls(
-            str(message), str(code or "unknown"), status, errors=errors, retry_after=retry_after, body_snippet=snippet
-        )
+        code, errors = str(envelope.get("code") or "unknown"), envelope.get("errors")
+        raise cls(redact(str(message)), code, status, errors, retry_after=retry_after, body_snippet=snippet)
 
     def _log(self, method: str, path: str, attempt: int, began: float, outcome: Any) -> None:
         log = _logger()
@@ -1921,16 +1984,15 @@ class _Stop(threading.Event):
     def cancel(self, transport: _Transport) -> None:
         with self.lock:
             self.set()
-            for conn in transport._open.copy():  # other threads add and drop theirs meanwhile
-                if conn.thread == self.thread:
-                    conn.shutdown()  # the read waiting for an answer ends now
+            for sock in transport._open.copy() if self.thread else ():  # others change it meanwhile
+                _shutdown(sock, self.thread)  # the read waiting for an answer ends now
 
 
 def _aio(method: Callable[Concatenate[Any, _P], _R]) -> Callable[Concatenate[_AsyncGroup, _P], Coroutine[Any, Any, _R]]:
     """The awaitable twin of a sync method, with its signature and docstring."""
 
     async def call(self: _AsyncGroup, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
-        return await self._client._run(method, self._group, *args, **kwargs)
+        return await self._workers.run(method, self._group, *args, **kwargs)
 
     return update_wrapper(call, method)
 
@@ -1942,15 +2004,51 @@ def _aiter(
 
     async def call(self: _AsyncGroup, /, *args: _P.args, **kwargs: _P.kwargs) -> AsyncIterator[_R]:
         items = method(self._group, *args, **kwargs)
-        while (item := await self._client._run(next, items, None)) is not None:
+        while (item := await self._workers.run(next, items, None)) is not None:
             yield item
 
     return update_wrapper(call, method)
 
 
+class _Workers:
+    """An async client's worker threads, made on first use, and its calls under way.
+    Nothing here points back at the client: dropped unclosed, it is freed at once."""
+
+    def __init__(self, sync: PrefactorHttpClient, size: int) -> None:
+        self.sync, self.size = sync, size
+        self.pool: ThreadPoolExecutor | None = None
+        self.calls: set[_Stop] = set()
+
+    async def run(self, function: Callable[_P, _R], /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        import asyncio
+
+        if self.sync._closed:
+            raise PrefactorClientError("the client is closed")
+        if self.pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(self.size, "prefactor-http")
+        stop = _Stop()
+        self.calls.add(stop)
+        try:
+            return await asyncio.wrap_future(self.pool.submit(stop.run, function, *args, **kwargs))
+        except asyncio.CancelledError:
+            stop.cancel(self.sync._transport)  # (a queued call was withdrawn from the pool)
+            raise
+        finally:
+            self.calls.discard(stop)
+
+    def close(self) -> None:
+        for stop in list(self.calls):
+            stop.cancel(self.sync._transport)
+        self.sync.close()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)  # soon: their waits and sockets were ended above
+
+
 class _AsyncGroup:
-    def __init__(self, client: AsyncPrefactorHttpClient, group: Any) -> None:
-        self._client, self._group = client, group
+    def __init__(self, workers: _Workers, group: Any) -> None:
+        self._workers, self._group = workers, group
 
 
 class _AsyncAgentInstances(_AsyncGroup):
@@ -1998,14 +2096,12 @@ class AsyncPrefactorHttpClient(_AsyncGroup):
             raise ValueError(f"max_concurrency must be a positive integer, got {max_concurrency!r}")
         self._sync = sync = PrefactorHttpClient(config, sdk_header=sdk_header)
         sync._sleep = _CALL.sleep
-        super().__init__(self, sync)
-        self.config, self.max_concurrency = config, max_concurrency
-        self._pool: ThreadPoolExecutor | None = None
-        self._calls: set[_Stop] = set()
-        self.agent_instances = _AsyncAgentInstances(self, sync.agent_instances)
-        self.agent_spans = _AsyncAgentSpans(self, sync.agent_spans)
-        self.agents = _AsyncAgents(self, sync.agents)
-        self.bulk = _AsyncBulk(self, sync.bulk)
+        super().__init__(_Workers(sync, max_concurrency), sync)
+        self.config = config
+        self.agent_instances = _AsyncAgentInstances(self._workers, sync.agent_instances)
+        self.agent_spans = _AsyncAgentSpans(self._workers, sync.agent_spans)
+        self.agents = _AsyncAgents(self._workers, sync.agents)
+        self.bulk = _AsyncBulk(self._workers, sync.bulk)
 
     async def __aenter__(self) -> AsyncPrefactorHttpClient:
         return self
@@ -2025,30 +2121,7 @@ class AsyncPrefactorHttpClient(_AsyncGroup):
 
     async def close(self) -> None:
         """Stop the calls under way, close the connections, end the worker threads."""
-        for stop in list(self._calls):
-            stop.cancel(self._sync._transport)
-        self._sync.close()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)  # soon: their waits and sockets were ended above
-
-    async def _run(self, function: Callable[_P, _R], /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
-        import asyncio
-
-        if self._sync._closed:
-            raise PrefactorClientError("the client is closed")
-        if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._pool = ThreadPoolExecutor(self.max_concurrency, "prefactor-http")
-        stop = _Stop()
-        self._calls.add(stop)
-        try:
-            return await asyncio.wrap_future(self._pool.submit(stop.run, function, *args, **kwargs))
-        except asyncio.CancelledError:
-            stop.cancel(self._sync._transport)  # (a queued call was withdrawn from the pool)
-            raise
-        finally:
-            self._calls.discard(stop)
+        self._workers.close()
 
 
 # ============================================================================ #

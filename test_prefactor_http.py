@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import math
 import os
+import re
 import select
 import shutil
 import socket
@@ -479,7 +481,7 @@ class WireTests(ApiTestCase):
         with self.assertRaisesRegex(ph.PrefactorClientError, "closed during the call"):
             self.client.validate_token()
         self.assertEqual(len(self.api.requests), 1)
-        self.assertEqual(self.client._transport._open, set())
+        self.assertEqual(self.client._transport._open, {})
 
     def test_closed_client_is_a_client_error(self):
         self.client.close()
@@ -833,7 +835,7 @@ class IdempotencyTests(ApiTestCase):
         creates = [r for r in self.api.requests if r["path"] == "/api/v1/agent_spans"]
         self.assertEqual(len(creates), 2)
         self.assertEqual(creates[0]["body"], creates[1]["body"])
-        self.assertEqual(len(self.sleeps), 1)
+        self.assertEqual(self.sleeps, [])  # lost on a reused connection: resent at once (promise 1)
 
     def test_a_dropped_request_is_retried(self):
         self.api.drop_next(when="before")
@@ -855,8 +857,8 @@ class FaultTests(FaultTestCase):
         client, sleeps = self.client(server.url, max_retries=0)
         client.agent_instances.get("inst-1")
         self.assertTrue(server.idle_closed.wait(5))
-        (conn,) = client._transport._open
-        select.select([conn.sock], [], [], 5)  # until the server's FIN has reached the client
+        (sock,) = client._transport._open
+        select.select([sock], [], [], 5)  # until the server's FIN has reached the client
         client.agent_instances.get("inst-1")
         self.assertEqual((server.connections, len(server.requests), sleeps), (2, 2, []))
 
@@ -1352,10 +1354,25 @@ class AsyncFacadeTests(FaultTestCase):
 
             client, opened = asyncio.run(main())
             self.assertGreater(opened, 1)  # several worker threads, each with its connection
-            self.assertEqual(client._sync._transport._open, set())
+            self.assertFalse(client._sync._transport._open)
             self.assertEqual([t for t in threading.enumerate() if t.name.startswith("prefactor-http")], [])
             with self.assertRaises(ph.PrefactorClientError):
                 asyncio.run(client.validate_token())
+
+    def test_a_dropped_unclosed_client_lets_go_without_the_cycle_collector(self):
+        if not os.path.isdir("/proc/self/fd"):
+            self.skipTest("needs /proc/self/fd")
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        self.addCleanup(lambda: gc.enable() if gc_was_enabled else None)
+        with LocalApiServer(token=TOKEN) as api:
+            descriptors = len(os.listdir("/proc/self/fd"))
+            client = ph.AsyncPrefactorHttpClient(api.config())
+            asyncio.run(client.validate_token())
+            del client
+            workers = lambda: [t for t in threading.enumerate() if t.name.startswith("prefactor-http")]  # noqa: E731
+            self.assertTrue(wait_until(lambda: not workers(), 5), "worker threads outlived their client")
+            self.assertTrue(wait_until(lambda: len(os.listdir("/proc/self/fd")) <= descriptors, 5))
 
 
 class UpstreamCompatibilityTests(ApiTestCase):
@@ -1653,7 +1670,381 @@ class TlsProxyTests(ApiTestCase):
         for no_proxy, host, proxied in cases:
             with self.subTest(no_proxy=no_proxy, host=host):
                 os.environ["NO_PROXY"] = no_proxy
-                self.assertEqual(ph._proxy_for("https", host) is not None, proxied)
+                self.assertEqual(ph._proxy_for("https", host, 443) is not None, proxied)
+
+
+# ---------------------------------------------------------------------------- #
+# Transport: lifecycle, deadlines, proxies and secrecy
+# ---------------------------------------------------------------------------- #
+
+
+def everything_shown(exc: BaseException, seen: set | None = None) -> str:
+    """All an exception can show: str, repr, args, every attribute (exceptions
+    among them recursively), the cause/context chain and the formatted traceback."""
+    import traceback
+
+    seen = set() if seen is None else seen
+    if id(exc) in seen:
+        return ""
+    seen.add(id(exc))
+    parts = [str(exc), repr(exc), repr(exc.args), "".join(traceback.format_exception(type(exc), exc, None))]
+    for name in dir(exc):
+        value = getattr(exc, name, None)
+        if name.startswith("__") or callable(value):
+            continue
+        parts.append(f"{name}={value!r}")
+        if isinstance(value, BaseException):
+            parts.append(everything_shown(value, seen))
+    for linked in (exc.__cause__, exc.__context__):
+        if linked is not None:
+            parts.append(everything_shown(linked, seen))
+    return "\n".join(parts)
+
+
+class SecretWalkTests(FaultTestCase):
+    SECRET = "sk/live+0123456789abcdef"  # a '/' and a '+', as base64 tokens have
+
+    def shown(self, url, secret=SECRET, call=PrefactorHttpClient.validate_token, **overrides):
+        """Make a call against ``url``; everything the error and the log show."""
+        overrides.setdefault("trust_env", False)
+        client = PrefactorHttpClient(HttpClientConfig(api_url=url, api_token=secret, max_retries=0, **overrides))
+        self.addCleanup(client.close)
+        with self.assertLogs("prefactor_http", "DEBUG") as logs, self.assertRaises(ph.PrefactorHttpError) as caught:
+            call(client)
+        return everything_shown(caught.exception) + "\n".join(logs.output)
+
+    def assert_hidden(self, seen, secret=SECRET):
+        for form in (secret, secret[:8], json.dumps(secret)[1:-1], secret.replace("/", "\\/")):
+            self.assertNotIn(form, seen)
+
+    def test_an_escaped_echo_is_redacted_in_the_decoded_text(self):
+        escaped = "".join(f"\\u{ord(c):04X}" for c in self.SECRET)
+        for body in (
+            b'{"code": "bad", "message": "token %s is expired", "errors": {"t": ["%s"]}}'
+            % (self.SECRET.replace("/", "\\/").encode(), escaped.encode()),
+            b'{"message": "token %s"}' % escaped.encode(),
+            b"not json: %s" % escaped.encode(),
+        ):
+            with self.subTest(body=body):
+                server = self.serve([("reply", http_response(401, body))])
+                seen = self.shown(server.url)
+                self.assert_hidden(seen)
+                self.assertNotIn(escaped, seen)
+                self.assertNotIn(escaped.lower(), seen)
+                self.assertIn("[REDACTED]", seen)
+
+    def test_a_location_header_is_redacted(self):
+        headers = {"Location": f"https://elsewhere.example/?token={self.SECRET}"}
+        server = self.serve([("reply", http_response(302, b"", headers))])
+        seen = self.shown(server.url)
+        self.assert_hidden(seen)
+        self.assertIn("elsewhere.example", seen)
+
+    def test_a_non_json_success_keeps_no_raw_body_in_its_chain(self):
+        for body in (f"<p>{self.SECRET}</p>".encode(), b"\xff" + self.SECRET.encode()):
+            with self.subTest(body=body):
+                server = self.serve([("reply", http_response(200, body, {"Content-Type": "text/html"}))])
+                seen = self.shown(server.url)
+                self.assert_hidden(seen)
+                self.assertIn("[REDACTED]", seen)
+
+    def test_a_cut_does_not_leave_half_a_secret(self):
+        for answer in (  # the reader quotes 80 bytes of a bad line: the secret's first 12 among them
+            b"HTTP/1.1 abc " + b"x" * 55 + self.SECRET.encode() + b"\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\n" + b"x" * 68 + self.SECRET.encode() + b"\r\n\r\n",
+            b"HTTP/1.1 " + self.SECRET.encode() + b"\r\n\r\n",
+        ):
+            with self.subTest(answer=answer):
+                server = self.serve([("truncate", answer)])
+                self.assert_hidden(self.shown(server.url))
+
+    def test_a_huge_error_body_is_searched_in_its_first_mib_and_its_cut_shows_nothing(self):
+        body = b" " * (ph._MAX_QUOTED - 4) + self.SECRET.encode()  # the first MiB ends 4 characters into it
+        server = self.serve([("reply", http_response(502, body, {"Content-Type": "text/plain"}))])
+        seen = self.shown(server.url)
+        self.assertNotIn(self.SECRET[:4], seen)
+        self.assertIn("HTTP 502", seen)
+
+    def test_a_secret_in_a_field_of_a_success_is_not_quoted(self):
+        body = {"status": "success", "details": {"id": "inst-1", "inserted_at": self.SECRET}}
+        server = self.serve([("reply", http_response(200, body))])
+        seen = self.shown(server.url, call=lambda client: client.agent_instances.get("inst-1"))
+        self.assert_hidden(seen)
+        self.assertIn("inserted_at is not an ISO-8601 timestamp", seen)
+
+    def test_short_proxy_passwords_are_redacted_and_a_407_names_the_proxy_once(self):
+        for password in ("p", "pw", "pwd"):
+            with self.subTest(password=password):
+                reply = f"HTTP/1.1 407 wrong password {password}\r\nContent-Length: 0\r\n\r\n".encode()
+                proxy = self.serve([("reply", reply)])
+                os.environ["HTTPS_PROXY"] = f"http://user:{password}@127.0.0.1:{proxy.port}"
+                self.addCleanup(clean_env)
+                seen = self.shown("https://api.example.com", trust_env=True)
+                self.assertNotRegex(seen, rf"\b{password}\b")
+                self.assertIn(f"proxy 127.0.0.1:{proxy.port}", seen)
+                self.assertIn("407", seen)
+                self.assertEqual(proxy.connections, 1)
+
+
+class BlockingResolver:
+    """Stands in for ``prefactor_http._getaddrinfo``: names in ``hang`` never
+    answer (until the test ends), names in ``missing`` do not exist, others resolve."""
+
+    def __init__(self, test, hang=(), missing=()):
+        self.hang, self.missing, self.calls = hang, missing, []
+        self.release = threading.Event()
+        test.addCleanup(self.release.set)
+        test.addCleanup(setattr, ph, "_getaddrinfo", getattr(ph, "_getaddrinfo", socket.getaddrinfo))
+        ph._getaddrinfo = self
+
+    def __call__(self, host, *args):
+        self.calls.append(host)
+        if host in self.hang:
+            self.release.wait(30)
+        if host in self.missing:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return socket.getaddrinfo("127.0.0.1" if host == "localhost" else host, *args)
+
+
+class ResolverTests(FaultTestCase):
+    def test_a_resolver_that_never_answers_ends_the_attempt_as_a_timeout(self):
+        BlockingResolver(self, hang=("hang.test",))
+        for limits in ({"request_timeout": 0.2}, {"connect_timeout": 0.2}, {"total_timeout": 0.2}):
+            with self.subTest(**limits):
+                client, _ = self.client("http://hang.test:9", max_retries=0, **limits)
+                with self.assertRaises(ph.PrefactorTimeoutError):
+                    client.validate_token()
+
+    def test_names_are_resolved_only_for_a_new_connection_and_never_for_an_ip(self):
+        resolver = BlockingResolver(self)
+        server = self.serve([("reply", http_response(200, ok_body()))] * 3)
+        for host in ("127.0.0.1", "localhost"):
+            client, _ = self.client(f"http://{host}:{server.port}")
+            client.agent_instances.get("inst-1")
+            client.agent_instances.get("inst-1")
+        self.assertEqual(resolver.calls, ["localhost"])
+
+    def test_a_proxy_that_does_not_resolve_is_named(self):
+        BlockingResolver(self, missing=("proxy.invalid",))
+        self.addCleanup(clean_env)
+        os.environ["HTTPS_PROXY"] = "http://proxy.invalid:3128"
+        client, _ = self.client("https://api.example.com", trust_env=True, max_retries=0)
+        with self.assertRaisesRegex(ph.PrefactorConnectionError, "cannot resolve proxy proxy.invalid"):
+            client.validate_token()
+
+
+class ProxyTests(FaultTestCase):
+    def setUp(self):
+        self.addCleanup(clean_env)
+
+    def test_connect_always_carries_the_port_and_a_refusal_is_not_retried(self):
+        proxy = self.serve([("reply", b"HTTP/1.1 407 Who are you\r\nContent-Length: 0\r\n\r\n")])
+        os.environ["HTTPS_PROXY"] = f"http://127.0.0.1:{proxy.port}"
+        for url, target in (("https://api.example.com", "api.example.com:443"), ("https://[::1]", "[::1]:443")):
+            client, sleeps = self.client(url, trust_env=True)
+            with self.assertRaises(ph.PrefactorHttpError) as caught:
+                client.validate_token()
+            connect = [f"CONNECT {target} HTTP/1.1".encode(), f"Host: {target}".encode()]
+            self.assertEqual(proxy.requests[-1].split(b"\r\n")[:2], connect)
+            self.assertIsInstance(caught.exception, ph.PrefactorConnectionError)
+            self.assertIn(f"proxy 127.0.0.1:{proxy.port} refused the tunnel", str(caught.exception))
+            self.assertTrue(ph.is_permanent_http_error(caught.exception))
+            self.assertEqual(sleeps, [])
+
+    def test_a_407_to_plain_http_through_a_proxy_names_it_and_is_not_retried(self):
+        proxy = self.serve([("reply", b"HTTP/1.1 407 Who are you\r\nContent-Length: 0\r\n\r\n")])
+        os.environ["HTTP_PROXY"] = f"http://127.0.0.1:{proxy.port}"
+        client, sleeps = self.client("http://api.example.com", trust_env=True)
+        with self.assertRaisesRegex(ph.PrefactorApiError, f"proxy 127.0.0.1:{proxy.port} asks for credentials"):
+            client.validate_token()
+        self.assertEqual((len(proxy.requests), sleeps), (1, []))
+
+    def test_no_proxy_matches_ip_literals_and_ports(self):
+        os.environ["HTTPS_PROXY"] = "http://proxy:3128"
+        cases = [
+            ("::1", "::1", 443, False),
+            ("[::1]", "::1", 443, False),
+            ("[::1]:443", "::1", 443, False),
+            ("[::1]:8443", "::1", 443, True),
+            ("10.0.0.1", "10.0.0.1", 443, False),
+            ("10.0.0.1:8080", "10.0.0.1", 443, True),
+            ("api.example.com:443", "api.example.com", 443, False),
+            ("api.example.com:8443", "api.example.com", 443, True),
+            ("example.com:8443", "api.example.com", 8443, False),
+            ("::2", "::1", 443, True),
+        ]
+        for no_proxy, host, port, proxied in cases:
+            with self.subTest(no_proxy=no_proxy, host=host, port=port):
+                os.environ["NO_PROXY"] = no_proxy
+                self.assertEqual(ph._proxy_for("https", host, port) is not None, proxied)
+
+    def test_a_password_with_an_unencoded_character_is_refused_unshown(self):
+        for password in ("Qz7/Kx9w", "46/83", "Qz7#Kx9w", "Qz7?Kx9w", "Qz7/Kx9w:Vb2", "[Qz7:Kx9w]"):
+            with self.subTest(password=password):
+                os.environ["HTTPS_PROXY"] = f"http://user:{password}@proxy.example:3128"
+                try:
+                    client, _ = make_client("https://api.example.com", trust_env=True)
+                except ValueError as error:
+                    seen = everything_shown(error)
+                    self.assertIn("percent-encoded", seen)
+                    for piece in filter(None, re.split(r"[/#?:\[\]]", password)):
+                        self.assertNotIn(piece, seen)
+                else:  # 3.9/3.10 read "[...]" as a password; never a wrong proxy host
+                    self.assertEqual((client._transport.proxy, password[0]), (("proxy.example", 3128), "["))
+
+
+class Forwarder(Listener):
+    """A middlebox between client and server, like a NAT gateway: ``forget()``
+    makes it forget the flows it carries; bytes arriving later on one are then
+    answered with a reset or swallowed without a word."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream_port = upstream_port
+        self.forgotten: dict = {}  # connection index -> "reset" or "swallow"
+        self.swallowed = 0
+        self.carried: list = []
+        super().__init__()
+
+    def close(self):
+        super().close()
+        for sock in self.carried:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def forget(self, how: str) -> None:
+        self.forgotten.update(dict.fromkeys(range(self.connections), how))
+
+    def handle(self, conn, index):
+        upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+        self.carried += [conn, upstream]
+        with conn, upstream:
+            while True:
+                readable, _, _ = select.select([conn, upstream], [], [], 30)
+                if not readable:
+                    return
+                for sock in readable:
+                    data = sock.recv(65536)
+                    how = self.forgotten.get(index)
+                    if not data:
+                        return
+                    if sock is upstream:
+                        conn.sendall(data)
+                    elif how == "reset":
+                        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        return
+                    elif how == "swallow":
+                        self.swallowed += len(data)
+                    else:
+                        upstream.sendall(data)
+
+
+class KeepAliveTests(FaultTestCase):
+    def through_forwarder(self, calls, **overrides):
+        server = self.serve([("reply", http_response(200, ok_body()))] * calls)
+        forwarder = Forwarder(server.port)
+        self.addCleanup(forwarder.close)
+        client, sleeps = self.client(f"http://127.0.0.1:{forwarder.port}", **overrides)
+        client.agent_instances.get("inst-1")
+        return server, forwarder, client, sleeps
+
+    def test_a_reset_on_a_kept_alive_connection_costs_no_retry(self):
+        server, forwarder, client, sleeps = self.through_forwarder(3, max_retries=0)
+        forwarder.forget("reset")
+        self.assertEqual(client.agent_instances.get("inst-1").id, "inst-1")
+        forwarder.forget("reset")
+        inst = client.agent_instances.start("inst-1")  # a POST with its key: resent too
+        self.assertEqual(inst.id, "inst-1")
+        self.assertEqual((server.connections, len(server.requests), sleeps), (3, 3, []))
+        self.assertIn(b'"idempotency_key"', server.requests[2])
+
+    def test_a_request_without_its_key_is_not_resent(self):
+        server, forwarder, client, _ = self.through_forwarder(2, max_retries=0)
+        forwarder.forget("reset")
+        with self.assertRaises(ph.PrefactorConnectionError):
+            client.request("POST", "/api/v1/anything", json_data=[1, 2])
+        self.assertEqual((server.connections, len(server.requests)), (1, 1))
+
+    def test_a_connection_idle_past_keepalive_timeout_is_not_reused(self):
+        shift = [0.0]
+        self.addCleanup(setattr, ph, "_monotonic", ph._monotonic)
+        ph._monotonic = lambda: time.monotonic() + shift[0]
+        server, forwarder, client, sleeps = self.through_forwarder(
+            3, keepalive_timeout=5, request_timeout=1, max_retries=0
+        )
+        shift[0] = 4.0  # idle for 4 s: reused
+        client.agent_instances.get("inst-1")
+        forwarder.forget("swallow")
+        shift[0] = 10.0  # idle for 6 s: a new connection, the forgotten one is never written to
+        self.assertEqual(client.agent_instances.get("inst-1").id, "inst-1")
+        self.assertEqual((server.connections, len(server.requests), forwarder.swallowed, sleeps), (2, 3, 0, []))
+
+    def test_keepalive_timeout_is_a_positive_config_field(self):
+        self.assertEqual(HttpClientConfig(api_url="http://x", api_token=TOKEN).keepalive_timeout, 15.0)
+        for bad in (0, -1, "5", True):
+            with self.assertRaisesRegex(ValueError, "keepalive_timeout"):
+                HttpClientConfig(api_url="http://x", api_token=TOKEN, keepalive_timeout=bad)
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@unittest.skipUnless(os.path.isdir("/proc/self/fd"), "counts /proc/self/fd")
+class ConnectionOwnershipTests(ApiTestCase):
+    def test_threads_that_end_release_their_connections(self):
+        self.client.validate_token()
+        before = open_descriptors()
+        for _ in range(75):  # 300 threads, 4 at a time (the server's backlog is 5), one call each
+            threads = [threading.Thread(target=self.client.validate_token) for _ in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        self.assertEqual(len(self.api.requests), 301)
+        self.assertEqual(len(self.client._transport._open), 1)  # the main thread's
+        for _ in range(500):  # the server's side closes once it reads the client's close
+            if open_descriptors() <= before + 2:
+                break
+            time.sleep(0.01)
+        self.assertLessEqual(open_descriptors(), before + 2)
+
+    def test_an_unclosed_client_dropped_releases_its_socket_without_the_collector(self):
+        closed = threading.Event()
+
+        class OneAnswer(Listener):
+            def handle(self, conn, index):
+                read_request(conn)
+                conn.sendall(http_response(200, {"status": "success"}))
+                conn.settimeout(10)
+                with contextlib.suppress(OSError):
+                    if conn.recv(1) == b"":
+                        closed.set()
+                conn.close()
+
+        server = OneAnswer()
+        self.addCleanup(server.close)
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        self.addCleanup(lambda: gc.enable() if gc_was_enabled else None)
+        client, _ = make_client(server.url)
+        client.validate_token()
+        del client
+        self.assertTrue(closed.wait(5))
+
+
+class RequestLineTests(FaultTestCase):
+    def test_params_join_a_query_in_the_path_and_bodyless_writes_send_a_zero_length(self):
+        server = self.serve([("reply", http_response(200, {"status": "success"}))] * 5)
+        client, _ = self.client(server.url)
+        client.request("GET", "/x?a=1", params={"b": 2})
+        for method in ("POST", "PUT", "DELETE"):
+            client.request(method, "/y")
+        client.request("GET", "/z")
+        heads = [r.partition(b"\r\n\r\n")[0].split(b"\r\n") for r in server.requests]
+        self.assertEqual(heads[0][0], b"GET /x?a=1&b=2 HTTP/1.1")
+        for head in heads[1:4]:
+            self.assertIn(b"Content-Length: 0", head)
+        self.assertFalse([line for line in heads[4] if line.lower().startswith(b"content-length")])
 
 
 # ---------------------------------------------------------------------------- #
@@ -1787,9 +2178,10 @@ class EveryDoorIsIdempotentTests(ApiTestCase):
         self.assertEqual(body, sent)
 
     def test_update_whose_answer_was_lost_does_not_undo_a_later_update(self):
-        agent = self.client.agents.create({"name": "first"})
         other, _ = make_client(self.api.url)
         self.addCleanup(other.close)
+        agent = other.agents.create({"name": "first"})  # so the PUT below opens a fresh connection:
+        # a lost answer on a reused one is resent at once, for free (promise 1), with no wait to hook
         # While the client waits to retry its lost PUT, someone else renames the agent.
         self.client._sleep = lambda delay: other.agents.update(agent.id, {"name": "third"})
         self.api.drop_next(when="after", path=f"/api/v1/agent/{agent.id}")
