@@ -1758,10 +1758,8 @@ class PrefactorHttpClient:
 
     @sdk_header.setter
     def sdk_header(self, value: str | None) -> None:
-        entry = f"prefactor-http-stdlib@{__version__}"
-        if value is not None and value.strip():
-            _check_header_value("sdk_header", value)
-            entry = f"{value.strip()} {entry}"
+        entry = f"{(value or '').strip()} prefactor-http-stdlib@{__version__}".lstrip()
+        _check_header_value("sdk_header", entry)
         self._sdk, self._sdk_line = value, f"X-Prefactor-SDK: {entry}\r\n".encode()
 
     _sdk_header = sdk_header
