@@ -1197,6 +1197,14 @@ ASYNC_METHODS = {
 }
 
 
+def _raised(function):
+    try:
+        function()
+    except Exception as exc:
+        return exc
+    return None
+
+
 class HeldTlsServer(Listener):
     """Accepts, holds the TLS handshake until ``go`` is set, then records what comes."""
 
@@ -1316,6 +1324,21 @@ class AsyncFacadeTests(FaultTestCase):
 
         self.assertEqual(asyncio.run(main()), (True, True))
         self.assertEqual((server.connections, server.requests), (1, []))
+
+    def test_close_wakes_a_thread_waiting_for_its_answer(self):
+        server = self.serve([("stall",)])
+        client, _ = self.client(server.url, request_timeout=20, max_retries=0)
+        outcome = []
+        caller = threading.Thread(target=lambda: outcome.append(_raised(client.validate_token)))
+        caller.start()
+        self.assertTrue(wait_until(lambda: len(server.requests) == 1))
+        closer = threading.Thread(target=client.close)
+        closer.start()
+        closer.join(5)  # reading the answer holds the connection's reader: close() must not wait for it
+        caller.join(5)
+        self.assertFalse(closer.is_alive() or caller.is_alive(), "close() waited for the read to time out")
+        self.assertIsInstance(outcome[0], ph.PrefactorHttpError)
+        self.assertNotIsInstance(outcome[0], ph.PrefactorTimeoutError)
 
     def test_asyncio_run_per_invocation_leaves_threads_and_descriptors_flat(self):
         if not os.path.isdir("/proc/self/fd"):
