@@ -30,7 +30,7 @@ never followed and the token never appears in a repr, a message or a log line.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     # client and configuration
@@ -53,6 +53,12 @@ __all__ = [
     "AgentVersionForRegister",
     "AgentSchemaVersionForRegister",
     "SpanTypeSchemaForCreate",
+    "RuntimeEnvironment",
+    "QualitySchemaForCreate",
+    "QualitySchemaDetails",
+    "FinishInstanceRequest",
+    "AgentInstanceRecordQuality",
+    "ApiResponse",
     "AgentStatus",
     "FinishStatus",
     "InstancePurpose",
@@ -83,9 +89,10 @@ import socket
 import sys
 import threading
 import time
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from functools import cached_property, lru_cache
+from functools import cached_property, lru_cache, update_wrapper
 from urllib.parse import quote, unquote, urlencode, urlsplit
 
 TYPE_CHECKING = False  # as typing.TYPE_CHECKING, without importing typing (~5 ms)
@@ -93,9 +100,14 @@ TYPE_CHECKING = False  # as typing.TYPE_CHECKING, without importing typing (~5 m
 if TYPE_CHECKING:  # typing-only imports keep `import prefactor_http` cheap
     import logging
     import ssl
-    from collections.abc import Awaitable, Iterator, Mapping, Sequence
-    from typing import Any, Callable, Literal
+    from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping, Sequence
+    from concurrent.futures import ThreadPoolExecutor
+    from typing import Any, Callable, Literal, TypeVar
 
+    from typing_extensions import Concatenate, ParamSpec  # in typing from 3.10
+
+    _P = ParamSpec("_P")
+    _R = TypeVar("_R")
     AgentStatus = Literal["pending", "active", "complete", "failed", "cancelled", "terminated"]
     FinishStatus = Literal["complete", "failed", "cancelled"]
     InstancePurpose = Literal["live", "smoke_test", "eval"]
@@ -291,7 +303,7 @@ def is_permanent_http_error(error: BaseException) -> bool:
 
 def _positive(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        raise ValueError(f"{name} must be positive (a number of seconds), got {value!r}")
 
 
 def _check_header_value(name: str, value: str) -> None:
@@ -346,10 +358,8 @@ class HttpClientConfig:
         _positive("keepalive_timeout", self.keepalive_timeout)
         if self.total_timeout is not None:
             _positive("total_timeout", self.total_timeout)
-        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int):
-            raise ValueError(f"max_retries must be an integer, got {self.max_retries!r}")
-        if self.max_retries < 0:
-            raise ValueError("max_retries must be non-negative")
+        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
+            raise ValueError(f"max_retries must be non-negative (an integer), got {self.max_retries!r}")
         if self.initial_retry_delay > self.max_retry_delay:
             raise ValueError("initial_retry_delay must be <= max_retry_delay")
         if isinstance(self.retry_multiplier, bool) or not self.retry_multiplier >= 1:
@@ -439,7 +449,7 @@ def _nested(cls: Any) -> Callable[[Any, str], Any]:
     return lambda value, where: _build(cls, value, where)
 
 
-def _fields(**converters: Any) -> Callable[[Any], Any]:
+def _fields(**converters: Any) -> Callable[[_R], _R]:
     """Class decorator: record the dataclass's field names (``extra`` aside) and
     the converters of the fields that are not taken as they are."""
 
@@ -699,8 +709,11 @@ class BulkRequest:
 class _RequestModel:
     """Request helper: serialised as its fields that are not None."""
 
+    def __init__(self, **fields: Any) -> None:  # the dataclasses below have their own
+        self.__dict__.update(fields)
+
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
+        return {k.rstrip("_"): v for k, v in self.__dict__.items() if v is not None}  # schema_ is sent as schema
 
 
 @dataclass
@@ -710,7 +723,7 @@ class AgentVersionForRegister(_RequestModel):
     name: str | None = None
     external_identifier: str | None = None
     description: str | None = None
-    runtime_environment: dict[str, Any] | None = None
+    runtime_environment: RuntimeEnvironment | dict[str, Any] | None = None
 
 
 @dataclass
@@ -735,6 +748,25 @@ class AgentSchemaVersionForRegister(_RequestModel):
     span_result_schemas: dict[str, Any] | None = None
     span_type_schemas: list[Any] | None = None
     quality_schemas: list[Any] | None = None
+
+
+# The other models upstream 0.4.3 exports: keyword fields in, serialised as above (a dict works too).
+class RuntimeEnvironment(_RequestModel): ...
+
+
+class QualitySchemaForCreate(_RequestModel): ...
+
+
+class QualitySchemaDetails(_RequestModel): ...
+
+
+class FinishInstanceRequest(_RequestModel): ...
+
+
+class AgentInstanceRecordQuality(_RequestModel): ...
+
+
+class ApiResponse(_RequestModel): ...
 
 
 # ============================================================================ #
@@ -1000,7 +1032,7 @@ class _Transport:
             self.proxy = (proxy.hostname, proxy.port or 8080)
             valid = proxy.scheme == "http" and proxy.hostname and "@" not in proxy.path + proxy.query + proxy.fragment
         except ValueError:
-            valid = False
+            proxy = valid = None
         if not valid:
             raise ValueError("the proxy URL (not shown) must be http://[user:pass@]host[:port], '/?#@' percent-encoded")
         if proxy.username is not None:
@@ -1044,7 +1076,7 @@ class _Transport:
             raise
         conn = _Connection(sock, self._open)
         with self._lock:
-            if self.closed:  # close() ran while this call was under way
+            if self.closed or _CALL.stop.is_set():  # close() or a cancel came while connecting
                 conn.close()
                 raise PrefactorClientError("the client was closed during the call")
             self._open[sock] = conn.reader
@@ -1060,6 +1092,7 @@ class _Transport:
             self.closed = True
             conns, self._open = self._open, {}
         for sock, reader in conns.copy().items():  # a copy: a connection dropped meanwhile removes itself
+            _shutdown(sock)  # first: closing the reader would wait for a thread blocked reading it
             reader.close()
             sock.close()
 
@@ -1171,6 +1204,7 @@ class _Connection:
         self.was_closed = _closed_check(sock)  # closed by the server (or bytes arrived) while idle
         self.pid = os.getpid()  # a forked child must not talk on its parent's connection
         self.used = _monotonic()
+        sock.owner = self.pid, threading.get_ident()  # for _shutdown
 
     def dirty(self) -> bool:
         """Bytes wait past the answer: in the reader's buffer, or decrypted inside TLS."""
@@ -1196,6 +1230,13 @@ class _CountingSocketIO(socket.SocketIO):
 
     def tell(self) -> int:
         return self.received
+
+
+def _shutdown(sock: Any, thread: int | None = None) -> None:
+    """Wake the thread blocked on a socket (of this process; of ``thread`` if given)."""
+    if sock.owner[0] == os.getpid() and thread in (None, sock.owner[1]):
+        with suppress(OSError):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)  # not ssl's: it drops the TLS state
 
 
 class _TooLarge(Exception):
@@ -1545,6 +1586,7 @@ class _Agents(_Group):
         return self._one("POST", "/api/v1/agent", "agents.create", body)
 
     def get(self, agent_id: str) -> Agent:
+        """One agent by id."""
         return self._one("GET", self._path(agent_id), "agents.get")
 
     def update(self, agent_id: str, details: Mapping[str, Any], idempotency_key: str | None = None) -> Agent:
@@ -1580,12 +1622,15 @@ class _Agents(_Group):
         return self._one(method, self._path(agent_id, action), "agents." + (action.strip("/") or "delete"), body)
 
     def retire(self, agent_id: str, idempotency_key: str | None = None) -> Agent:
+        """Retire an agent (POST /api/v1/agent/{id}/retire)."""
         return self._action(agent_id, "/retire", "POST", idempotency_key)
 
     def reinstate(self, agent_id: str, idempotency_key: str | None = None) -> Agent:
+        """Reinstate a retired agent."""
         return self._action(agent_id, "/reinstate", "POST", idempotency_key)
 
     def delete(self, agent_id: str, idempotency_key: str | None = None) -> Agent:
+        """Delete an agent (DELETE); a lost answer retried is not "not found"."""
         return self._action(agent_id, "", "DELETE", idempotency_key)
 
     def _page(self, filters: dict[str, Any], offset: int | None, page_size: int | None) -> ListResponse:
@@ -1703,15 +1748,11 @@ class PrefactorHttpClient:
         if not isinstance(config, HttpClientConfig):
             raise TypeError("config must be an HttpClientConfig")
         self.config = config
-        entry = f"prefactor-http@{__version__}"
-        if sdk_header is not None and sdk_header.strip():
-            _check_header_value("sdk_header", sdk_header)
-            entry = f"{sdk_header.strip()} {entry}"
+        self.sdk_header = sdk_header
         headers = [
             ("Authorization", "Bearer " + config.api_token),
             ("Accept", "application/json"),
-            ("User-Agent", f"prefactor-http/{__version__} python/{_PYTHON}"),
-            ("X-Prefactor-SDK", entry),
+            ("User-Agent", f"prefactor-http-stdlib/{__version__} python/{_PYTHON}"),
         ]
         self._transport = _Transport(config, headers)
         self._closed = False
@@ -1744,6 +1785,19 @@ class PrefactorHttpClient:
 
     def __repr__(self) -> str:
         return f"PrefactorHttpClient(api_url={self.config.api_url!r})"
+
+    @property
+    def sdk_header(self) -> str | None:
+        """``X-Prefactor-SDK`` entries before this client's own; settable, also as ``_sdk_header``."""
+        return self._sdk
+
+    @sdk_header.setter
+    def sdk_header(self, value: str | None) -> None:
+        entry = f"{(value or '').strip()} prefactor-http-stdlib@{__version__}".lstrip()
+        _check_header_value("sdk_header", entry)
+        self._sdk, self._sdk_line = value, f"X-Prefactor-SDK: {entry}\r\n".encode()
+
+    _sdk_header = sdk_header
 
     def close(self) -> None:
         """Close every pooled connection; later calls raise PrefactorClientError."""
@@ -1811,6 +1865,7 @@ class PrefactorHttpClient:
             head = b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(payload)
         if extra_headers:
             head = "".join(f"{k}: {v}\r\n" for k, v in extra_headers).encode() + head
+        head = self._sdk_line + head
         config = self.config
         total_deadline = _monotonic() + config.total_timeout if config.total_timeout else float("inf")
         attempt, free = 0, resend  # free: one resend that costs no retry (promise 1)
@@ -1889,7 +1944,7 @@ class PrefactorHttpClient:
         except (ValueError, RecursionError, MemoryError):
             envelope = None
         snippet = None if isinstance(envelope, dict) else _snippet(text)
-        envelope = envelope if snippet is None else {}
+        envelope = envelope if isinstance(envelope, dict) else {}
         message = envelope.get("message") or envelope.get("error")
         if status == 407 and self._transport.proxy:  # the proxy's own answer (plain HTTP through it)
             message = "{} {}: proxy {}:{} asks for credentials (407)".format(method, path, *self._transport.proxy)
@@ -1930,53 +1985,157 @@ def _snippet(text: str) -> str:
 # ============================================================================ #
 
 
+class _Call(threading.local):
+    stop = threading.Event()  # never set; AsyncPrefactorHttpClient's workers set their call's own
+
+    def sleep(self, delay: float) -> None:  # an async call's backoff wait: it ends with the call
+        if self.stop.wait(delay):
+            raise PrefactorClientError("the call was cancelled (or its client closed)")
+
+
+_CALL = _Call()
+
+
+class _Stop(threading.Event):
+    """Set when the task awaiting a call is cancelled (or its client closed): the
+    call stops at its next step, as AsyncPrefactorHttpClient says."""
+
+    thread: int | None = None  # the worker running the call, while it runs
+    lock = threading.Lock()
+
+    def run(self, function: Callable[_P, _R], /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        self.thread = threading.get_ident()  # before the check below: cancel() then sees it
+        _CALL.stop = self
+        try:
+            if self.is_set():  # cancelled as it left the queue
+                raise PrefactorClientError("the call was cancelled (or its client closed)")
+            return function(*args, **kwargs)
+        finally:
+            del _CALL.stop
+            with self.lock:
+                self.thread = None
+
+    def cancel(self, transport: _Transport) -> None:
+        with self.lock:
+            self.set()
+            for sock in transport._open.copy() if self.thread else ():  # others change it meanwhile
+                _shutdown(sock, self.thread)  # the read waiting for an answer ends now
+
+
+def _aio(method: Callable[Concatenate[Any, _P], _R]) -> Callable[Concatenate[_AsyncGroup, _P], Coroutine[Any, Any, _R]]:
+    """The awaitable twin of a sync method, with its signature and docstring."""
+
+    async def call(self: _AsyncGroup, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        return await self._workers.run(method, self._group, *args, **kwargs)
+
+    return update_wrapper(call, method)
+
+
+def _aiter(
+    method: Callable[Concatenate[Any, _P], Iterator[_R]],
+) -> Callable[Concatenate[_AsyncGroup, _P], AsyncIterator[_R]]:
+    """The async twin of a sync generator method: each item is fetched in a worker."""
+
+    async def call(self: _AsyncGroup, /, *args: _P.args, **kwargs: _P.kwargs) -> AsyncIterator[_R]:
+        items = method(self._group, *args, **kwargs)
+        while (item := await self._workers.run(next, items, None)) is not None:
+            yield item
+
+    return update_wrapper(call, method)
+
+
+class _Workers:
+    """An async client's worker threads, made on first use, and its calls under way.
+    Nothing here points back at the client: dropped unclosed, it is freed at once."""
+
+    def __init__(self, sync: PrefactorHttpClient, size: int) -> None:
+        self.sync, self.size = sync, size
+        self.pool: ThreadPoolExecutor | None = None
+        self.calls: set[_Stop] = set()
+
+    async def run(self, function: Callable[_P, _R], /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        import asyncio
+
+        if self.sync._closed:
+            raise PrefactorClientError("the client is closed")
+        if self.pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(self.size, "prefactor-http")
+        stop = _Stop()
+        self.calls.add(stop)
+        try:
+            return await asyncio.wrap_future(self.pool.submit(stop.run, function, *args, **kwargs))
+        except asyncio.CancelledError:
+            stop.cancel(self.sync._transport)  # (a queued call was withdrawn from the pool)
+            raise
+        finally:
+            self.calls.discard(stop)
+
+    def close(self) -> None:
+        for stop in list(self.calls):
+            stop.cancel(self.sync._transport)
+        self.sync.close()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)  # soon: their waits and sockets were ended above
+
+
 class _AsyncGroup:
-    """Each method of a sync group, run in a worker thread and awaited."""
+    def __init__(self, workers: _Workers, group: Any) -> None:
+        self._workers, self._group = workers, group
 
-    def __init__(self, group: Any) -> None:
-        self._group = group
 
-    def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
-        method = getattr(self._group, name)
-        if name.startswith("_") or not callable(method):
-            raise AttributeError(name)
+class _AsyncAgentInstances(_AsyncGroup):
+    register = _aio(_AgentInstances.register)
+    start = _aio(_AgentInstances.start)
+    finish = _aio(_AgentInstances.finish)
+    get = _aio(_AgentInstances.get)
+    record_quality = _aio(_AgentInstances.record_quality)
 
-        async def call(*args: Any, **kwargs: Any) -> Any:
-            import asyncio
 
-            return await asyncio.get_running_loop().run_in_executor(None, lambda: method(*args, **kwargs))
-
-        call.__name__ = call.__qualname__ = name
-        call.__doc__ = method.__doc__
-        return call
+class _AsyncAgentSpans(_AsyncGroup):
+    create = _aio(_AgentSpans.create)
+    finish = _aio(_AgentSpans.finish)
 
 
 class _AsyncAgents(_AsyncGroup):
-    async def iter_agents(self, *args: Any, **filters: Any) -> Any:
-        """Every agent, a page fetched (in a thread) when the last is used up."""
-        import asyncio
-
-        pages = self._group.iter_agents(*args, **filters)
-        loop = asyncio.get_running_loop()
-        done = object()
-        while True:
-            row = await loop.run_in_executor(None, next, pages, done)
-            if row is done:
-                return
-            yield row
+    create = _aio(_Agents.create)
+    get = _aio(_Agents.get)
+    update = _aio(_Agents.update)
+    show = _aio(_Agents.show)
+    retire = _aio(_Agents.retire)
+    reinstate = _aio(_Agents.reinstate)
+    delete = _aio(_Agents.delete)
+    list_agents = _aio(_Agents.list_agents)
+    iter_agents = _aiter(_Agents.iter_agents)
 
 
-class AsyncPrefactorHttpClient:
+class _AsyncBulk(_AsyncGroup):
+    execute = _aio(_Bulk.execute)
+
+
+class AsyncPrefactorHttpClient(_AsyncGroup):
     """The same groups and methods, awaitable: ``async with`` and ``await``.
-    Calls run the synchronous client in worker threads."""
 
-    def __init__(self, config: HttpClientConfig, *, sdk_header: str | None = None) -> None:
-        self._sync = PrefactorHttpClient(config, sdk_header=sdk_header)
+    Calls run the sync client in this client's own worker threads, up to
+    ``max_concurrency`` at once; the threads start with the first call and end,
+    with their connections, at ``close()``. Cancelling an awaited call stops it at
+    its next step, with no further attempt: queued, it never starts; connecting,
+    the connection is closed unused; waiting for the answer, its socket is shut
+    down; in backoff, the wait ends. What was sent may still have been stored.
+    """
+
+    def __init__(self, config: HttpClientConfig, *, sdk_header: str | None = None, max_concurrency: int = 100) -> None:
+        if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be a positive integer, got {max_concurrency!r}")
+        self._sync = sync = PrefactorHttpClient(config, sdk_header=sdk_header)
+        sync._sleep = _CALL.sleep
+        super().__init__(_Workers(sync, max_concurrency), sync)
         self.config = config
-        self.agent_instances: Any = _AsyncGroup(self._sync.agent_instances)
-        self.agent_spans: Any = _AsyncGroup(self._sync.agent_spans)
-        self.agents: Any = _AsyncAgents(self._sync.agents)
-        self.bulk: Any = _AsyncGroup(self._sync.bulk)
+        self.agent_instances = _AsyncAgentInstances(self._workers, sync.agent_instances)
+        self.agent_spans = _AsyncAgentSpans(self._workers, sync.agent_spans)
+        self.agents = _AsyncAgents(self._workers, sync.agents)
+        self.bulk = _AsyncBulk(self._workers, sync.bulk)
 
     async def __aenter__(self) -> AsyncPrefactorHttpClient:
         return self
@@ -1987,14 +2146,16 @@ class AsyncPrefactorHttpClient:
     def __repr__(self) -> str:
         return f"AsyncPrefactorHttpClient(api_url={self.config.api_url!r})"
 
+    sdk_header = _sdk_header = property(
+        lambda self: self._sync.sdk_header, lambda self, value: setattr(self._sync, "sdk_header", value)
+    )
+
+    validate_token = _aio(PrefactorHttpClient.validate_token)
+    request = _aio(PrefactorHttpClient.request)
+
     async def close(self) -> None:
-        self._sync.close()
-
-    async def validate_token(self) -> dict[str, Any]:
-        return await _AsyncGroup(self._sync).validate_token()  # type: ignore[no-any-return]
-
-    async def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        return await _AsyncGroup(self._sync).request(method, path, **kwargs)  # type: ignore[no-any-return]
+        """Stop the calls under way, close the connections, end the worker threads."""
+        self._workers.close()
 
 
 # ============================================================================ #
@@ -2071,7 +2232,7 @@ class LocalApiServer:
             disable_nagle_algorithm = True  # headers and body leave without delay
             timeout = 60  # an idle keep-alive connection is let go after this
 
-            def log_message(self, *args: Any) -> None:
+            def log_message(self, format: str, *args: Any) -> None:
                 pass
 
             def serve(self) -> None:

@@ -456,15 +456,15 @@ class WireTests(ApiTestCase):
         get = {k.lower(): v for k, v in self.last()["headers"].items()}
         self.assertEqual(get["authorization"], "Bearer " + TOKEN)
         self.assertEqual(get["accept"], "application/json")
-        self.assertEqual(get["user-agent"], f"prefactor-http/{ph.__version__} python/%d.%d" % sys.version_info[:2])
-        self.assertEqual(get["x-prefactor-sdk"], f"prefactor-http@{ph.__version__}")
+        self.assertEqual(get["user-agent"], "prefactor-http-stdlib/0.2.0 python/{}.{}".format(*sys.version_info[:2]))
+        self.assertEqual(get["x-prefactor-sdk"], "prefactor-http-stdlib@0.2.0")
         self.assertNotIn("content-type", get)
         upstream = PrefactorHttpClient(self.api.config(), sdk_header="prefactor-core@0.5.3")
         self.addCleanup(upstream.close)
         upstream.agent_instances.register({"name": "v"}, agent_id="a")
         post = {k.lower(): v for k, v in self.last()["headers"].items()}
         self.assertEqual(post["content-type"], "application/json")
-        self.assertEqual(post["x-prefactor-sdk"], f"prefactor-core@0.5.3 prefactor-http@{ph.__version__}")
+        self.assertEqual(post["x-prefactor-sdk"], "prefactor-core@0.5.3 prefactor-http-stdlib@0.2.0")
 
     def test_api_url_path_prefix_is_kept(self):
         client, _ = make_client(self.api.url + "/prefix/")
@@ -1176,10 +1176,317 @@ class AsyncTests(ApiTestCase):
         self.assertEqual(again.span_counts.total, 50)
         self.assertEqual(names, ["a1", "a2", "a3"])
 
-    def test_importing_loads_neither_asyncio_nor_http_server(self):
-        code = "import sys, prefactor_http; print([m for m in ('asyncio', 'http.server') if m in sys.modules])"
+    def test_importing_loads_no_asyncio_concurrent_futures_or_http_server(self):
+        code = "import sys, prefactor_http; print([m for m in ('asyncio', 'concurrent.futures', 'http.server') if m in sys.modules])"
         out = subprocess.run([sys.executable, "-W", "error", "-c", code], cwd=HERE, capture_output=True, text=True)
         self.assertEqual((out.stdout.strip(), out.stderr), ("[]", ""))
+
+
+def wait_until(predicate, seconds=10.0) -> bool:
+    """Poll ``predicate`` (bounded); True once it holds. Waits on effects, never asserts timing."""
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+ASYNC_METHODS = {
+    "agent_instances": ("register", "start", "finish", "get", "record_quality"),
+    "agent_spans": ("create", "finish"),
+    "agents": ("create", "get", "update", "show", "retire", "reinstate", "delete", "list_agents", "iter_agents"),
+    "bulk": ("execute",),
+    "": ("validate_token", "request"),
+}
+
+
+def _raised(function):
+    try:
+        function()
+    except Exception as exc:
+        return exc
+    return None
+
+
+class HeldTlsServer(Listener):
+    """Accepts, holds the TLS handshake until ``go`` is set, then records what comes."""
+
+    def __init__(self, cert_file: str):
+        import ssl
+
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(cert_file)
+        self.go, self.done, self.requests = threading.Event(), threading.Event(), []
+        super().__init__()
+
+    def handle(self, conn, index):
+        self.go.wait(30)
+        try:
+            with self.context.wrap_socket(conn, server_side=True) as tls:
+                request = read_request(tls)
+                if request:
+                    self.requests.append(request)
+        except OSError:
+            pass
+        finally:
+            self.done.set()
+
+
+class AsyncFacadeTests(FaultTestCase):
+    """The async client: its own worker pool, cancellation that stops, real signatures."""
+
+    def async_client(self, url, **overrides):
+        overrides.setdefault("trust_env", False)
+        return ph.AsyncPrefactorHttpClient(HttpClientConfig(api_url=url, api_token=TOKEN, **overrides))
+
+    def test_every_async_method_has_the_sync_signature_and_docstring(self):
+        import inspect
+        import pydoc
+
+        sync = PrefactorHttpClient(HttpClientConfig(api_url="http://127.0.0.1:9", api_token=TOKEN))
+        client = ph.AsyncPrefactorHttpClient(sync.config)
+        for group, names in ASYNC_METHODS.items():
+            for name in names:
+                with self.subTest(f"{group}.{name}"):
+                    method = getattr(getattr(client, group) if group else client, name)
+                    original = getattr(getattr(sync, group) if group else sync, name)
+                    self.assertIn(name, dir(getattr(client, group) if group else client))
+                    self.assertEqual(inspect.signature(method), inspect.signature(original))
+                    self.assertEqual(method.__doc__, original.__doc__)
+                    self.assertTrue(method.__doc__)
+                    kind = inspect.isasyncgenfunction if name == "iter_agents" else inspect.iscoroutinefunction
+                    self.assertTrue(kind(method))
+        doc = pydoc.render_doc(type(client.agent_spans), renderer=pydoc.plaintext)
+        self.assertIn("agent_instance_id: 'str'", doc)
+        self.assertIn("Record a span.", doc)
+
+    def test_a_cancelled_call_stops_and_the_default_executor_stays_free(self):
+        server = self.serve([("stall",)])  # every connection: read the request, never answer
+        client = self.async_client(server.url, request_timeout=20, max_retries=3, initial_retry_delay=0.01)
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            calls = [asyncio.ensure_future(client.validate_token()) for _ in range(20)]
+            reached = await loop.run_in_executor(None, wait_until, lambda: len(server.requests) == 20)
+            for call in calls:
+                call.cancel()
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            await asyncio.wait_for(loop.run_in_executor(None, int), 1)  # the loop's own executor is free
+            transport = client._sync._transport  # each socket is shut down, so each worker lets go of it:
+            released = await loop.run_in_executor(None, wait_until, lambda: not transport._open, 5)
+            await client.close()  # waits for the workers: every cancelled call has ended
+            return reached, results, released
+
+        reached, results, released = asyncio.run(main())
+        self.assertTrue(reached, "20 calls at once did not all reach the server")
+        self.assertTrue(released, "cancelled calls still wait for their answers")
+        self.assertTrue(all(isinstance(r, asyncio.CancelledError) for r in results))
+        self.assertEqual(len(server.requests), 20)  # no call made a second attempt
+
+    def test_a_queued_call_never_starts_and_a_backoff_wait_ends(self):
+        with LocalApiServer(token=TOKEN) as api:
+            config = api.config(initial_retry_delay=30, max_retry_delay=60)
+            client = ph.AsyncPrefactorHttpClient(config, max_concurrency=1)
+
+            async def main():
+                loop = asyncio.get_running_loop()
+                api.fail_next(503, times=1)
+                waiting = asyncio.ensure_future(client.validate_token())  # 503, then a 30 s backoff
+                queued = asyncio.ensure_future(client.agents.create({"name": "never"}))  # behind it: one worker
+                await loop.run_in_executor(None, wait_until, lambda: len(api.requests) == 1)
+                queued.cancel()
+                waiting.cancel()
+                await asyncio.gather(waiting, queued, return_exceptions=True)
+                await asyncio.wait_for(client.validate_token(), 5)  # the only worker is free again
+                await client.close()
+
+            asyncio.run(main())
+            self.assertEqual([r["path"] for r in api.requests], ["/api/v1/ping"] * 2)  # no retry, no create
+            self.assertEqual(api.agents, {})
+
+    def test_a_call_cancelled_while_connecting_sends_nothing(self):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        cert_file = os.path.join(folder, "cert.pem")
+        with open(cert_file, "w") as f:
+            f.write(CERT_PEM + KEY_PEM)
+        server = HeldTlsServer(cert_file)
+        self.addCleanup(server.close)
+        client = self.async_client(f"https://127.0.0.1:{server.port}", ca_file=cert_file)
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            call = asyncio.ensure_future(client.validate_token())
+            accepted = await loop.run_in_executor(None, wait_until, lambda: server.connections == 1)
+            call.cancel()  # while the TLS handshake is held
+            await asyncio.gather(call, return_exceptions=True)
+            server.go.set()  # now the connection completes: the cancelled call must not use it
+            ended = await loop.run_in_executor(None, server.done.wait, 10)
+            await client.close()
+            return accepted, ended
+
+        self.assertEqual(asyncio.run(main()), (True, True))
+        self.assertEqual((server.connections, server.requests), (1, []))
+
+    def test_close_wakes_a_thread_waiting_for_its_answer(self):
+        server = self.serve([("stall",)])
+        client, _ = self.client(server.url, request_timeout=20, max_retries=0)
+        outcome = []
+        caller = threading.Thread(target=lambda: outcome.append(_raised(client.validate_token)))
+        caller.start()
+        self.assertTrue(wait_until(lambda: len(server.requests) == 1))
+        closer = threading.Thread(target=client.close)
+        closer.start()
+        closer.join(5)  # reading the answer holds the connection's reader: close() must not wait for it
+        caller.join(5)
+        self.assertFalse(closer.is_alive() or caller.is_alive(), "close() waited for the read to time out")
+        self.assertIsInstance(outcome[0], ph.PrefactorHttpError)
+        self.assertNotIsInstance(outcome[0], ph.PrefactorTimeoutError)
+
+    def test_asyncio_run_per_invocation_leaves_threads_and_descriptors_flat(self):
+        if not os.path.isdir("/proc/self/fd"):
+            self.skipTest("needs /proc/self/fd")
+        with LocalApiServer(token=TOKEN) as api:
+            shared = ph.AsyncPrefactorHttpClient(api.config())  # once per container, as a Lambda does
+
+            async def invocation():
+                await shared.validate_token()
+                async with ph.AsyncPrefactorHttpClient(api.config()) as client:  # once per invocation
+                    await client.agent_instances.register({"name": "v"}, agent_id="a")
+
+            def counts():
+                return len(os.listdir("/proc/self/fd")), threading.active_count()
+
+            for _ in range(5):
+                asyncio.run(invocation())
+            before = counts()
+            for _ in range(200):
+                asyncio.run(invocation())
+            # the server's side of a closed connection ends a moment later: wait for it (bounded)
+            wait_until(lambda: counts()[0] <= before[0] + 4 and counts()[1] <= before[1] + 2, 5)
+            after = counts()
+            asyncio.run(shared.close())
+        self.assertLessEqual(after[0], before[0] + 4, f"descriptors {before[0]} -> {after[0]}")
+        self.assertLessEqual(after[1], before[1] + 2, f"threads {before[1]} -> {after[1]}")
+
+    def test_closing_ends_the_worker_threads_and_their_connections(self):
+        with LocalApiServer(token=TOKEN) as api:
+
+            async def main():
+                async with ph.AsyncPrefactorHttpClient(api.config()) as client:
+                    await asyncio.gather(*(client.validate_token() for _ in range(10)))
+                    opened = len(client._sync._transport._open)
+                return client, opened
+
+            client, opened = asyncio.run(main())
+            self.assertGreater(opened, 1)  # several worker threads, each with its connection
+            self.assertFalse(client._sync._transport._open)
+            self.assertEqual([t for t in threading.enumerate() if t.name.startswith("prefactor-http")], [])
+            with self.assertRaises(ph.PrefactorClientError):
+                asyncio.run(client.validate_token())
+
+    def test_a_dropped_unclosed_client_lets_go_without_the_cycle_collector(self):
+        if not os.path.isdir("/proc/self/fd"):
+            self.skipTest("needs /proc/self/fd")
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        self.addCleanup(lambda: gc.enable() if gc_was_enabled else None)
+        with LocalApiServer(token=TOKEN) as api:
+            descriptors = len(os.listdir("/proc/self/fd"))
+            client = ph.AsyncPrefactorHttpClient(api.config())
+            asyncio.run(client.validate_token())
+            del client
+            workers = lambda: [t for t in threading.enumerate() if t.name.startswith("prefactor-http")]  # noqa: E731
+            self.assertTrue(wait_until(lambda: not workers(), 5), "worker threads outlived their client")
+            self.assertTrue(wait_until(lambda: len(os.listdir("/proc/self/fd")) <= descriptors, 5))
+
+
+class UpstreamCompatibilityTests(ApiTestCase):
+    """What code written for upstream 0.4.3 and the official SDK relies on."""
+
+    def sent_sdk_header(self) -> str:
+        return {k.lower(): v for k, v in self.last()["headers"].items()}["x-prefactor-sdk"]
+
+    def test_sdk_header_changed_after_construction_reaches_the_wire(self):
+        own = "prefactor-http-stdlib@0.2.0"
+        sync = PrefactorHttpClient(self.api.config(), sdk_header="prefactor-core@0.5.3")
+        self.addCleanup(sync.close)
+        sync.validate_token()
+        self.assertEqual(self.sent_sdk_header(), f"prefactor-core@0.5.3 {own}")
+        sync._sdk_header = "prefactor-langchain@0.2.7 prefactor-core@0.5.3"  # what prefactor-core does
+        sync.validate_token()
+        self.assertEqual(self.sent_sdk_header(), f"prefactor-langchain@0.2.7 prefactor-core@0.5.3 {own}")
+        sync.sdk_header = None
+        sync.validate_token()
+        self.assertEqual(self.sent_sdk_header(), own)
+        with self.assertRaises(ValueError):
+            sync.sdk_header = "bad\r\nX-Evil: 1"
+
+        async def main():
+            async with ph.AsyncPrefactorHttpClient(self.api.config(), sdk_header="prefactor-core@0.5.3") as client:
+                client._sdk_header = "prefactor-langchain@0.2.7 prefactor-core@0.5.3"
+                await client.validate_token()
+                first = self.sent_sdk_header()
+                client.sdk_header = "a@1"
+                await client.validate_token()
+                return first, self.sent_sdk_header(), client.sdk_header
+
+        self.assertEqual(
+            asyncio.run(main()), (f"prefactor-langchain@0.2.7 prefactor-core@0.5.3 {own}", f"a@1 {own}", "a@1")
+        )
+
+    def test_the_six_other_names_of_upstream_import_and_serialise(self):
+        from prefactor_http import (  # noqa: F401
+            AgentInstanceRecordQuality,
+            ApiResponse,
+            FinishInstanceRequest,
+            QualitySchemaDetails,
+            QualitySchemaForCreate,
+            RuntimeEnvironment,
+        )
+
+        names = ("RuntimeEnvironment", "QualitySchemaForCreate", "QualitySchemaDetails", "FinishInstanceRequest")
+        self.assertTrue(set(names) | {"AgentInstanceRecordQuality", "ApiResponse"} <= set(ph.__all__))
+        version = ph.AgentVersionForRegister(name="v", runtime_environment=RuntimeEnvironment(os="linux", runtime=None))
+        schema = ph.AgentSchemaVersionForRegister(
+            external_identifier="s1", quality_schemas=[QualitySchemaForCreate(name="q", schema_={"type": "object"})]
+        )
+        self.client.agent_instances.register(version, schema, agent_id="a")
+        body = self.last()["body"]
+        self.assertEqual(body["agent_version"]["runtime_environment"], {"os": "linux"})
+        self.assertEqual(body["agent_schema_version"]["quality_schemas"], [{"name": "q", "schema": {"type": "object"}}])
+        self.assertEqual(FinishInstanceRequest(status="complete").to_dict(), {"status": "complete"})
+
+    def test_config_messages_begin_with_upstreams_words(self):
+        cases = {
+            "api_url is required": {"api_url": ""},
+            "api_token is required": {"api_token": ""},
+            "request_timeout must be positive": {"request_timeout": 0},
+            "connect_timeout must be positive": {"connect_timeout": -1},
+            "max_retries must be non-negative": {"max_retries": -1},
+            "initial_retry_delay must be positive": {"initial_retry_delay": 0},
+            "max_retry_delay must be positive": {"max_retry_delay": 0},
+            "initial_retry_delay must be <= max_retry_delay": {"initial_retry_delay": 5, "max_retry_delay": 1},
+            "retry_multiplier must be >= 1": {"retry_multiplier": 0.5},
+        }
+        for words, override in cases.items():
+            with self.subTest(words), self.assertRaises(ValueError) as caught:
+                HttpClientConfig(**{"api_url": "https://h", "api_token": "t", **override})
+            self.assertTrue(str(caught.exception).startswith(words), str(caught.exception))
+
+    def test_the_readme_async_snippet_runs_as_written(self):
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            blocks = f.read().split("```python\n")[1:]
+        snippet = next(block.split("```")[0] for block in blocks if "AsyncPrefactorHttpClient(" in block)
+        env = {**os.environ, "PREFACTOR_API_URL": self.api.url, "PREFACTOR_API_TOKEN": TOKEN}
+        out = subprocess.run(
+            [sys.executable, "-c", snippet], cwd=HERE, env=env, capture_output=True, text=True, timeout=60
+        )
+        self.assertEqual((out.returncode, out.stderr), (0, ""))
+        self.assertEqual(len(self.api.instances), 1)
+        self.assertTrue(self.api.spans)
+        self.assertEqual({s["status"] for s in self.api.spans.values()}, {"complete"})
 
 
 class VendoringTests(unittest.TestCase):
