@@ -433,10 +433,10 @@ def _build(cls: Any, data: Any, where: str) -> Any:
     their defaults. Never ``cls(**data)``: a new server field must not break us."""
     if not isinstance(data, dict):
         raise PrefactorResponseContractError(f"{where} must be a JSON object, got {type(data).__name__}")
-    names = cls._names
+    names, converters = _MODEL_FIELDS.get(cls) or _model_fields(cls)
     values = {k: v for k, v in data.items() if k in names}
     extra = {k: v for k, v in data.items() if k not in names} if len(values) < len(data) else {}
-    for key, convert in cls._converters:
+    for key, convert in converters:
         value = values.get(key)
         if value is not None:
             values[key] = convert(value, f"{where}.{key}")
@@ -445,26 +445,23 @@ def _build(cls: Any, data: Any, where: str) -> Any:
     return cls(extra=extra, **values)
 
 
-def _nested(cls: Any) -> Callable[[Any, str], Any]:
-    return lambda value, where: _build(cls, value, where)
+_MODEL_FIELDS: dict[Any, tuple[frozenset[str], list[tuple[str, Any]]]] = {}
 
 
-def _fields(**converters: Any) -> Callable[[_R], _R]:
-    """Class decorator: record the dataclass's field names (``extra`` aside) and
-    the converters of the fields that are not taken as they are."""
+def _model_fields(cls: Any) -> tuple[frozenset[str], list[tuple[str, Any]]]:
+    """A model's field names (``extra`` aside) and, read from their annotations, the
+    converters of those not taken as they are: timestamps and nested models."""
+    converters: list[tuple[str, Any]] = []
+    for name, spec in cls.__dataclass_fields__.items():
+        kind = globals().get(str(spec.type).split(" |")[0])  # "datetime | None" -> datetime
+        if kind is datetime:
+            converters.append((name, _parse_datetime))
+        elif hasattr(kind, "__dataclass_fields__"):
+            converters.append((name, lambda value, where, nested=kind: _build(nested, value, where)))
+    _MODEL_FIELDS[cls] = frozenset(cls.__dataclass_fields__) - {"extra"}, converters
+    return _MODEL_FIELDS[cls]
 
-    def apply(cls: Any) -> Any:
-        cls._names = frozenset(cls.__dataclass_fields__) - {"extra"}
-        cls._converters = tuple(converters.items())
-        return cls
 
-    return apply
-
-
-_dt = _parse_datetime
-
-
-@_fields()
 @dataclass
 class AgentInstanceSpanCounts:
     """How many spans an instance has, by state."""
@@ -478,13 +475,6 @@ class AgentInstanceSpanCounts:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
-@_fields(
-    inserted_at=_dt,
-    updated_at=_dt,
-    started_at=_dt,
-    finished_at=_dt,
-    span_counts=_nested(AgentInstanceSpanCounts),
-)
 @dataclass
 class AgentInstance:
     """One run of an agent: registered, started, finished or terminated."""
@@ -510,7 +500,6 @@ class AgentInstance:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
-@_fields(started_at=_dt, inserted_at=_dt, updated_at=_dt, finished_at=_dt)
 @dataclass
 class AgentSpan:
     """One recorded step of an agent instance (an LLM call, a tool call)."""
@@ -534,7 +523,6 @@ class AgentSpan:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
-@_fields(inserted_at=_dt, updated_at=_dt)
 @dataclass
 class AgentSummary:
     """An agent as a list row."""
@@ -553,7 +541,6 @@ class AgentSummary:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
-@_fields(inserted_at=_dt, updated_at=_dt)
 @dataclass
 class Agent(AgentSummary):
     """An agent of the account: a summary's fields plus risk profile and counts."""
@@ -562,7 +549,6 @@ class Agent(AgentSummary):
     instance_counts: dict[str, Any] | None = None
 
 
-@_fields()
 @dataclass
 class Pagination:
     """Where a list page sits; ``next_page_offset`` is None on the last page."""
@@ -579,7 +565,6 @@ class Pagination:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
-@_fields(pagination=_nested(Pagination))
 @dataclass
 class ListResponse:
     """One page of a list: ``summaries`` plus where the page sits."""
@@ -591,7 +576,6 @@ class ListResponse:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
-@_fields()
 @dataclass
 class BulkOutput:
     """The result of one bulk item: ``status`` is ``success`` or ``error``."""
@@ -606,7 +590,6 @@ class BulkOutput:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
-@_fields()
 @dataclass
 class BulkResponse:
     """Bulk results keyed by item idempotency key. Items after the first failing
