@@ -1373,15 +1373,15 @@ class _Group:
     def __init__(self, client: PrefactorHttpClient) -> None:
         self._client = client
 
+    def _one(self, cls: type[_R], method: str, path: str, operation: str, body: Any = None, query: Any = None) -> _R:
+        """Call, and build the answer's ``details`` as ``cls``."""
+        return _details(cls, self._client._call(method, path, body=body, query=query, operation=operation), operation)
+
 
 class _AgentInstances(_Group):
     """``client.agent_instances``: register, start, finish, get, record_quality."""
 
     __slots__ = ()
-
-    def _post(self, path: str, body: dict[str, Any], operation: str) -> AgentInstance:
-        data = self._client._call("POST", path, body=body, operation=operation)
-        return _details(AgentInstance, data, operation)  # type: ignore[no-any-return]
 
     def register(
         self,
@@ -1409,7 +1409,7 @@ class _AgentInstances(_Group):
             external_identifier=external_identifier,
             idempotency_key=self._client._key(idempotency_key),
         )
-        return self._post("/api/v1/agent_instance/register", body, "agent_instances.register")
+        return self._one(AgentInstance, "POST", "/api/v1/agent_instance/register", "agent_instances.register", body)
 
     def start(
         self,
@@ -1423,7 +1423,7 @@ class _AgentInstances(_Group):
             "timestamp": _timestamp(timestamp, "timestamp"),
             "idempotency_key": self._client._key(idempotency_key),
         }
-        return self._post(path, body, "agent_instances.start")
+        return self._one(AgentInstance, "POST", path, "agent_instances.start", body)
 
     def finish(
         self,
@@ -1440,13 +1440,12 @@ class _AgentInstances(_Group):
             timestamp=_timestamp(timestamp, "timestamp"),
             idempotency_key=self._client._key(idempotency_key),
         )
-        return self._post(path, body, "agent_instances.finish")
+        return self._one(AgentInstance, "POST", path, "agent_instances.finish", body)
 
     def get(self, agent_instance_id: str) -> AgentInstance:
         """Fetch one instance (status, termination_reason, span counts)."""
         path = f"/api/v1/agent_instance/{_check_id(agent_instance_id, 'agent_instance_id')}"
-        data = self._client._call("GET", path, operation="agent_instances.get")
-        return _details(AgentInstance, data, "agent_instances.get")  # type: ignore[no-any-return]
+        return self._one(AgentInstance, "GET", path, "agent_instances.get")
 
     def record_quality(
         self,
@@ -1464,7 +1463,7 @@ class _AgentInstances(_Group):
             "payload": _check_mapping(payload, "payload"),
             "idempotency_key": self._client._key(idempotency_key),
         }
-        return self._post(path, body, "agent_instances.record_quality")
+        return self._one(AgentInstance, "POST", path, "agent_instances.record_quality", body)
 
 
 class _AgentSpans(_Group):
@@ -1479,7 +1478,7 @@ class _AgentSpans(_Group):
         control = data.get("control")
         if callback is not None and isinstance(control, dict) and control.get("terminate"):
             callback(control.get("reason"))  # before details: the signal must not be lost
-        return _details(AgentSpan, data, operation)  # type: ignore[no-any-return]
+        return _details(AgentSpan, data, operation)
 
     def create(
         self,
@@ -1546,17 +1545,6 @@ class _Agents(_Group):
 
     __slots__ = ()
 
-    def _one(
-        self,
-        method: str,
-        path: str,
-        operation: str,
-        body: dict[str, Any] | None = None,
-        query: dict[str, Any] | None = None,
-    ) -> Agent:
-        data = self._client._call(method, path, body=body, query=query, operation=operation)
-        return _details(Agent, data, operation)  # type: ignore[no-any-return]
-
     def _path(self, agent_id: str, action: str = "") -> str:
         return f"/api/v1/agent/{_check_id(agent_id, 'agent_id')}{action}"
 
@@ -1566,16 +1554,16 @@ class _Agents(_Group):
         if not fields.get("name"):
             raise ValueError("details['name'] is required")
         body = {"details": fields, "idempotency_key": self._client._key(idempotency_key)}
-        return self._one("POST", "/api/v1/agent", "agents.create", body)
+        return self._one(Agent, "POST", "/api/v1/agent", "agents.create", body)
 
     def get(self, agent_id: str) -> Agent:
         """One agent by id."""
-        return self._one("GET", self._path(agent_id), "agents.get")
+        return self._one(Agent, "GET", self._path(agent_id), "agents.get")
 
     def update(self, agent_id: str, details: Mapping[str, Any], idempotency_key: str | None = None) -> Agent:
         """Change name, description, owner, risk profile or team (PUT)."""
         body = {"details": _details_arg(details), "idempotency_key": self._client._key(idempotency_key)}
-        return self._one("PUT", self._path(agent_id), "agents.update", body)
+        return self._one(Agent, "PUT", self._path(agent_id), "agents.update", body)
 
     def show(
         self,
@@ -1596,13 +1584,13 @@ class _Agents(_Group):
             include_counts=include_counts or None,
             include_risk_rollup=include_risk_rollup or None,
         )
-        return self._one("GET", "/api/v1/agent/show", "agents.show", query=query)
+        return self._one(Agent, "GET", "/api/v1/agent/show", "agents.show", query=query)
 
     def _action(self, agent_id: str, action: str, method: str, key: str | None) -> Agent:
         # The key goes in the body, for DELETE too (as upstream): a retried delete
         # whose answer was lost gets the first answer again, not a 404.
         body = {"idempotency_key": self._client._key(key)}
-        return self._one(method, self._path(agent_id, action), "agents." + (action.strip("/") or "delete"), body)
+        return self._one(Agent, method, self._path(agent_id, action), "agents." + (action.strip("/") or "delete"), body)
 
     def retire(self, agent_id: str, idempotency_key: str | None = None) -> Agent:
         """Retire an agent (POST /api/v1/agent/{id}/retire)."""
@@ -1689,10 +1677,10 @@ class _Bulk(_Group):
         return response
 
 
-def _details(cls: Any, data: dict[str, Any], operation: str) -> Any:
+def _details(cls: type[_R], data: dict[str, Any], operation: str) -> _R:
     if "details" not in data:
         raise PrefactorResponseContractError(f"{operation}: response has no 'details'")
-    return _build(cls, data["details"], f"{operation} details")
+    return _build(cls, data["details"], f"{operation} details")  # type: ignore[no-any-return]
 
 
 def _details_arg(details: Any) -> dict[str, Any]:
