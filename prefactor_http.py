@@ -353,9 +353,14 @@ class HttpClientConfig:
         if self.api_token.strip() != self.api_token or " " in self.api_token:
             raise ValueError("api_token must not contain spaces")
         _check_header_value("api_token", self.api_token)
-        for name in ("request_timeout", "connect_timeout", "initial_retry_delay", "max_retry_delay"):
+        for name in (
+            "request_timeout",
+            "connect_timeout",
+            "initial_retry_delay",
+            "max_retry_delay",
+            "keepalive_timeout",
+        ):
             _positive(name, getattr(self, name))
-        _positive("keepalive_timeout", self.keepalive_timeout)
         if self.total_timeout is not None:
             _positive("total_timeout", self.total_timeout)
         if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
@@ -384,11 +389,12 @@ class HttpClientConfig:
     def from_env(cls, **overrides: Any) -> HttpClientConfig:
         """Build from ``PREFACTOR_API_URL`` and ``PREFACTOR_API_TOKEN``; keyword
         arguments override them and set any other field."""
-        values: dict[str, Any] = {
-            "api_url": os.environ.get("PREFACTOR_API_URL", ""),
-            "api_token": os.environ.get("PREFACTOR_API_TOKEN", ""),
+        env = os.environ
+        values = {
+            "api_url": env.get("PREFACTOR_API_URL", ""),
+            "api_token": env.get("PREFACTOR_API_TOKEN", ""),
+            **overrides,
         }
-        values.update(overrides)
         if not values["api_url"]:
             raise ValueError("api_url is required: set PREFACTOR_API_URL or pass api_url=")
         if not values["api_token"]:
@@ -857,8 +863,6 @@ def _parse_retry_after(value: str | None, now: float | None = None) -> float | N
             when = parsedate_to_datetime(value)
         except (TypeError, ValueError, IndexError):
             return None
-        if when is None:
-            return None
         if when.tzinfo is None:
             when = when.replace(tzinfo=_UTC)
         seconds = when.timestamp() - (time.time() if now is None else now)
@@ -977,11 +981,8 @@ def _proxy_for(scheme: str, host: str, port: int) -> str | None:
 
 
 class _Transport:
-    """Keep-alive HTTP/1.1 connections to one origin, one per thread.
-
-    Requests are written from a head prepared once per client; answers are read
-    by ``_read_response`` from a buffered reader kept with the connection.
-    """
+    """Keep-alive HTTP/1.1 connections to one origin, one per thread, each with
+    the buffered reader ``_read_response`` reads its answers from."""
 
     def __init__(self, config: HttpClientConfig, headers: list[tuple[str, str]]) -> None:
         parts = urlsplit(config.api_url)
@@ -1710,10 +1711,7 @@ def _logger() -> logging.Logger | None:
 
 class PrefactorHttpClient:
     """The synchronous client: ``with PrefactorHttpClient(config) as client: ...``.
-
-    One client can be shared by many threads; each thread gets its own
-    keep-alive connection.
-    """
+    Share one between threads: each thread gets its own keep-alive connection."""
 
     def __init__(self, config: HttpClientConfig, *, sdk_header: str | None = None) -> None:
         if not isinstance(config, HttpClientConfig):
@@ -2635,30 +2633,27 @@ def _cli_demo(args: Any) -> int:
             print(f"No API configured: using a local stand-in at {local.url}\n")
         with PrefactorHttpClient(config) as client:
             began = _monotonic()
+            schemas = [
+                {"name": n, "params_schema": {"type": "object"}} for n in ("agent:run", "agent:llm", "agent:tool")
+            ]
             inst = client.agent_instances.register(
                 {"name": "demo agent", "external_identifier": "demo-v1"},
-                {
-                    "external_identifier": "demo-schema-v1",
-                    "span_type_schemas": [
-                        {"name": n, "params_schema": {"type": "object"}}
-                        for n in ("agent:run", "agent:llm", "agent:tool")
-                    ],
-                },
+                {"external_identifier": "demo-schema-v1", "span_type_schemas": schemas},
                 agent_id=None if local is None else "demo-agent",
                 purpose="smoke_test",
             )
             client.agent_instances.start(inst.id)
             spans = client.agent_spans
-            times = {}
+            tree = []
             run = spans.create(inst.id, "agent:run", "active", {"task": "what is 6 x 7?"})
-            for name, payload, result in (
-                ("agent:llm", {"model": "demo-model", "prompt": "6 x 7?"}, {"response": "use the calculator"}),
-                ("agent:tool", {"tool": "calculator", "input": "6*7"}, {"output": 42}),
+            for branch, name, payload, result in (
+                ("├─", "agent:llm", {"model": "demo-model", "prompt": "6 x 7?"}, {"response": "use the calculator"}),
+                ("└─", "agent:tool", {"tool": "calculator", "input": "6*7"}, {"output": 42}),
             ):
                 t0 = _monotonic()
                 child = spans.create(inst.id, name, "active", payload, parent_span_id=run.id)
                 done = spans.finish(child.id, "complete", result)
-                times[child.id] = (name, done, (_monotonic() - t0) * 1000)
+                tree.append(f"   {branch} {name:<10} {done.id}  {done.status}  {(_monotonic() - t0) * 1000:.1f} ms")
             run_done = spans.finish(run.id, "complete", {"answer": 42})
             run_ms = (_monotonic() - began) * 1000
             finished = client.agent_instances.finish(inst.id, "complete")
@@ -2668,9 +2663,7 @@ def _cli_demo(args: Any) -> int:
             local.stop()
     print(f"agent instance {inst.id}  {finished.status}  {total:.1f} ms")
     print(f"└─ agent:run  {run.id}  {run_done.status}  {run_ms:.1f} ms")
-    for i, (name, done, ms) in enumerate(times.values()):
-        branch = "└─" if i == len(times) - 1 else "├─"
-        print(f"   {branch} {name:<10} {done.id}  {done.status}  {ms:.1f} ms")
+    print("\n".join(tree))
     counts = finished.span_counts
     if counts is not None:
         print(f"\nspans: {counts.total} total, {counts.complete} complete")
