@@ -389,10 +389,9 @@ class HttpClientConfig:
     def from_env(cls, **overrides: Any) -> HttpClientConfig:
         """Build from ``PREFACTOR_API_URL`` and ``PREFACTOR_API_TOKEN``; keyword
         arguments override them and set any other field."""
-        env = os.environ
         values = {
-            "api_url": env.get("PREFACTOR_API_URL", ""),
-            "api_token": env.get("PREFACTOR_API_TOKEN", ""),
+            "api_url": os.environ.get("PREFACTOR_API_URL", ""),
+            "api_token": os.environ.get("PREFACTOR_API_TOKEN", ""),
             **overrides,
         }
         if not values["api_url"]:
@@ -1239,9 +1238,6 @@ class _Response:
     def __init__(self, status: int, reason: str, headers: dict[str, str], will_close: bool) -> None:
         self.status, self.reason, self.headers, self.will_close = status, reason, headers, will_close
 
-    def getheader(self, name: str, default: str | None = None) -> str | None:
-        return self.headers.get(name.lower(), default)
-
 
 #: Limits: bytes of the status line and header fields together (of the trailers; of one
 #: chunk-size line), field lines (an obs-fold continuation counts), 1xx answers before the real one.
@@ -1353,9 +1349,8 @@ def _read_chunked(reader: Any, status: int) -> bytes:
 
 
 def _closed_check(sock: Any) -> Callable[[], bool]:
-    """A check, made once per connection, that is true when the idle keep-alive
-    socket is readable: the server closed it (or sent junk), so it must not carry
-    the next request."""
+    """A check, made once per connection: the idle socket is readable, so the server
+    closed it (or sent junk) and it must not carry the next request."""
     if not hasattr(select, "poll"):  # Windows
         return lambda: bool(select.select([sock], [], [], 0)[0])
     poller = select.poll()
@@ -1902,7 +1897,7 @@ class PrefactorHttpClient:
                 return result
             cause = result if isinstance(result, ValueError) else None
             quoted = _snippet(redact(data.decode("utf-8", "replace")))
-            kind = response.getheader("Content-Type") or "no type"
+            kind = response.headers.get("content-type") or "no type"
             expected = f"JSON, got {kind}: {quoted}" if cause else f"a JSON object, got {type(result).__name__}"
             raise PrefactorResponseContractError(
                 redact(f"{method} {path}: expected {expected}"), status_code=status, body_snippet=quoted, cause=cause
@@ -1919,12 +1914,12 @@ class PrefactorHttpClient:
             message = "{} {}: proxy {}:{} asks for credentials (407)".format(method, path, *self._transport.proxy)
         if not message and 300 <= status < 400:
             message = (
-                f"{method} {path}: redirect to {_snippet(redact(response.getheader('Location') or '?'))} not followed"
+                f"{method} {path}: redirect to {_snippet(redact(response.headers.get('location') or '?'))} not followed"
             )
         if not message:
-            kind = response.getheader("Content-Type") or "no content type"
+            kind = response.headers.get("content-type") or "no content type"
             message = f"{method} {path}: HTTP {status} ({kind})" + (f": {snippet}" if snippet else "")
-        retry_after = _parse_retry_after(response.getheader("Retry-After"))
+        retry_after = _parse_retry_after(response.headers.get("retry-after"))
         cls = _STATUS_ERRORS.get(status, PrefactorApiError)
         code, errors = str(envelope.get("code") or "unknown"), envelope.get("errors")
         raise cls(redact(str(message)), code, status, errors, retry_after=retry_after, body_snippet=snippet)
@@ -2778,8 +2773,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parents=[common],
     )
     parser.add_argument("--version", action="version", version=f"prefactor-http {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.required = True
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, run, what in (
         ("demo", _cli_demo, "run one agent lifecycle and print it as a tree"),
         ("ping", _cli_ping, "check the URL and token"),
