@@ -1408,17 +1408,11 @@ class _AgentInstances(_Group):
         return self._one(AgentInstance, "POST", "/api/v1/agent_instance/register", "agent_instances.register", body)
 
     def start(
-        self,
-        agent_instance_id: str,
-        timestamp: datetime | None = None,
-        idempotency_key: str | None = None,
+        self, agent_instance_id: str, timestamp: datetime | None = None, idempotency_key: str | None = None
     ) -> AgentInstance:
         """Mark an instance as running (status ``active``)."""
         path = f"/api/v1/agent_instance/{_check_id(agent_instance_id, 'agent_instance_id')}/start"
-        body = {
-            "timestamp": _timestamp(timestamp, "timestamp"),
-            "idempotency_key": self._client._key(idempotency_key),
-        }
+        body = {"timestamp": _timestamp(timestamp, "timestamp"), "idempotency_key": self._client._key(idempotency_key)}
         return self._one(AgentInstance, "POST", path, "agent_instances.start", body)
 
     def finish(
