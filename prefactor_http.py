@@ -1594,12 +1594,14 @@ class _Agents(_Group):
         """Delete an agent (DELETE); a lost answer retried is not "not found"."""
         return self._action(agent_id, "", "DELETE", idempotency_key)
 
-    def _page(self, filters: dict[str, Any], offset: int | None, page_size: int | None) -> ListResponse:
+    _FILTERS = ("risk_profile_id", "team_id", "owner_person_id", "sorting")  # list_agents' filters, in order
+
+    def _page(self, offset: int | None, page_size: int | None, *filters: str | None) -> ListResponse:
         if page_size is not None and not (isinstance(page_size, int) and 1 <= page_size <= 100):
             raise ValueError(f"page_size must be an integer from 1 to 100, got {page_size!r}")
         if offset is not None and not (isinstance(offset, int) and offset >= 0):
             raise ValueError(f"offset must be a non-negative integer, got {offset!r}")
-        query = _drop_none(**filters)
+        query = _drop_none(**dict(zip(self._FILTERS, filters)))
         query.update(_drop_none(**{"pagination[offset]": offset, "pagination[page_size]": page_size}))
         data = self._client._call("GET", "/api/v1/agent", query=query, operation="agents.list_agents")
         page: ListResponse = _build(ListResponse, data, "agents.list_agents response")
@@ -1618,10 +1620,7 @@ class _Agents(_Group):
         page_size: int | None = None,
     ) -> list[AgentSummary]:
         """One page of agents."""
-        filters = dict(
-            risk_profile_id=risk_profile_id, team_id=team_id, owner_person_id=owner_person_id, sorting=sorting
-        )
-        return self._page(filters, offset, page_size).summaries
+        return self._page(offset, page_size, risk_profile_id, team_id, owner_person_id, sorting).summaries
 
     def iter_agents(
         self,
@@ -1632,12 +1631,9 @@ class _Agents(_Group):
         page_size: int | None = None,
     ) -> Iterator[AgentSummary]:
         """Every agent, page by page; a page is fetched when the last is used up."""
-        filters = dict(
-            risk_profile_id=risk_profile_id, team_id=team_id, owner_person_id=owner_person_id, sorting=sorting
-        )
         offset: int | None = None
         while True:
-            page = self._page(filters, offset, page_size)
+            page = self._page(offset, page_size, risk_profile_id, team_id, owner_person_id, sorting)
             yield from page.summaries
             following = page.pagination.next_page_offset if page.pagination else None
             if following is None or not page.summaries:
@@ -1928,9 +1924,7 @@ class PrefactorHttpClient:
 
 
 def _query_value(value: Any) -> str:
-    if value is True or value is False:
-        return "true" if value else "false"
-    return str(value)
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _snippet(text: str) -> str:
@@ -2439,17 +2433,13 @@ class LocalApiServer:
         span = self.spans.get(span_id)
         if span is None:
             raise _Reject(404, "not_found", f"agent span {span_id} not found")
-        if span["status"] in _TERMINAL:
-            raise _Reject(409, "invalid_action", f"agent span is already {span['status']}")
-        status = body.get("status") or "complete"
-        if status not in _FINISH_STATUSES or (span["status"] == "pending" and status != "cancelled"):
+        old, status = span["status"], body.get("status") or "complete"
+        if old in _TERMINAL:
+            raise _Reject(409, "invalid_action", f"agent span is already {old}")
+        if status not in _FINISH_STATUSES or (old == "pending" and status != "cancelled"):
             raise _Reject(
-                422,
-                "validation_error",
-                f"cannot finish a {span['status']} span as {status}",
-                {"status": ["is invalid"]},
+                422, "validation_error", f"cannot finish a {old} span as {status}", {"status": ["is invalid"]}
             )
-        old = span["status"]
         span.update(status=status, finished_at=body.get("timestamp") or _now_text(), updated_at=_now_text())
         self._count(span, old)
         if body.get("result_payload") is not None:
