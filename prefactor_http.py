@@ -1903,9 +1903,8 @@ class PrefactorHttpClient:
         if status == 407 and self._transport.proxy:  # the proxy's own answer (plain HTTP through it)
             message = "{} {}: proxy {}:{} asks for credentials (407)".format(method, path, *self._transport.proxy)
         if not message and 300 <= status < 400:
-            message = (
-                f"{method} {path}: redirect to {_snippet(redact(response.headers.get('location') or '?'))} not followed"
-            )
+            target = _snippet(redact(response.headers.get("location") or "?"))
+            message = f"{method} {path}: redirect to {target} not followed"
         if not message:
             kind = response.headers.get("content-type") or "no content type"
             message = f"{method} {path}: HTTP {status} ({kind})" + (f": {snippet}" if snippet else "")
