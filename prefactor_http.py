@@ -353,14 +353,9 @@ class HttpClientConfig:
         if self.api_token.strip() != self.api_token or " " in self.api_token:
             raise ValueError("api_token must not contain spaces")
         _check_header_value("api_token", self.api_token)
-        for name in (
-            "request_timeout",
-            "connect_timeout",
-            "initial_retry_delay",
-            "max_retry_delay",
-            "keepalive_timeout",
-        ):
+        for name in ("request_timeout", "connect_timeout", "initial_retry_delay", "max_retry_delay"):
             _positive(name, getattr(self, name))
+        _positive("keepalive_timeout", self.keepalive_timeout)
         if self.total_timeout is not None:
             _positive("total_timeout", self.total_timeout)
         if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
