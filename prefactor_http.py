@@ -670,11 +670,10 @@ class BulkRequest:
                     problems.extend(f"item {index}: {problem}" for problem in found)
                     continue
                 item = BulkItem(kind, key, **params)
-            if item.idempotency_key in seen:
-                problems.append(
-                    f"item {index}: idempotency_key {item.idempotency_key!r} repeats item {seen[item.idempotency_key]}"
-                )
-            seen.setdefault(item.idempotency_key, index)
+            key = item.idempotency_key
+            if key in seen:
+                problems.append(f"item {index}: idempotency_key {key!r} repeats item {seen[key]}")
+            seen.setdefault(key, index)
             built.append(item)
         if not built and not problems:
             problems.append("at least one item is required")
@@ -2496,11 +2495,8 @@ class LocalApiServer:
         raise _Reject(404, "not_found", "no such agent")
 
     def _list_agents(self, body: Any, query: dict[str, str]) -> dict[str, Any]:
-        rows = [
-            a
-            for a in self.agents.values()
-            if all(a.get(f) == query[f] for f in ("risk_profile_id", "team_id", "owner_person_id") if f in query)
-        ]
+        wanted = {f: query[f] for f in ("risk_profile_id", "team_id", "owner_person_id") if f in query}
+        rows = [a for a in self.agents.values() if all(a.get(f) == v for f, v in wanted.items())]
         offset = int(query.get("pagination[offset]", 0))
         size = int(query.get("pagination[page_size]", 20))
         page = rows[offset : offset + size]
