@@ -2058,6 +2058,11 @@ class ConnectionOwnershipTests(ApiTestCase):
         del client
         self.assertTrue(closed.wait(5))
 
+    def test_a_group_outlives_the_expression_that_made_its_client(self):
+        agents = PrefactorHttpClient(self.api.config()).agents  # the client itself is not kept
+        self.assertEqual(agents.create({"name": "kept"}).name, "kept")
+        self.assertEqual([a["name"] for a in self.api.agents.values()], ["kept"])
+
 
 class RequestLineTests(FaultTestCase):
     def test_params_join_a_query_in_the_path_and_bodyless_writes_send_a_zero_length(self):
