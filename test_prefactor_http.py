@@ -2405,6 +2405,78 @@ class CliNeverLosesALineTests(unittest.TestCase):
         self.assertIn(b"auth failed", out.stderr)
         self.assertEqual(self.api.spans, {})
 
+    def test_lines_json_reads_but_cannot_send_are_rejected_and_earlier_rejects_kept(self):
+        def with_payload(n, value):
+            return self.span(n, tag="nan").replace(b'"status"', b'"payload": {"x": %s}, "status"' % value)
+
+        unsendable = [with_payload(3, b"NaN"), with_payload(4, b"-Infinity"), with_payload(5, b"1e400")]
+        for tag, odd in (("nan", unsendable), ("deep", [b"[" * 100000 + b"]" * 100000 + b"\n"])):
+            with self.subTest(tag):
+                lines = [self.span(n, tag=tag, instance=None if n != 2 else "gone") for n in (1, 2)]
+                lines += [*odd, self.span(6, tag=tag)]
+                out = run_cli_in(self.folder, "send", self.write("in.jsonl", lines), "--chunk", "2", url=self.api.url)
+                self.assertEqual(out.returncode, 1, out.stderr)
+                self.assertNotIn(b"Traceback", out.stderr)
+                self.assertEqual(self.rejects(), [lines[1], *odd])  # the API's reject, written before, is kept too
+                self.assertEqual(
+                    [k for k in sorted(self.api.spans) if tag in k], [f"{tag}-span-00001", f"{tag}-span-00006"]
+                )
+                self.assertEqual(out.stderr.count(b": not JSON: "), len(odd), out.stderr)
+
+    def test_lines_are_split_at_newline_only_and_kept_byte_for_byte(self):
+        cr = self.span(2).replace(b", ", b",\r ")  # a lone CR is JSON whitespace, not a line end
+        odd = [b"\xc2\xa0\n", b"\x0c\n", b"\x1c\n", "\u3000\n".encode(), self.span(4).replace(b"s", b"\xe9", 1)]
+        lines = [b"\xef\xbb\xbf" + self.span(1), cr, b" \t\r\n", *odd, self.span(5)]  # a BOM starts the file
+        out = run_cli_in(self.folder, "send", self.write("in.jsonl", lines), url=self.api.url)
+        self.assertEqual(out.returncode, 1, out.stderr)
+        self.assertEqual(sorted(self.api.spans), ["send-span-00001", "send-span-00002", "send-span-00005"])
+        self.assertEqual(self.rejects(), odd)
+        self.assertEqual(out.stderr.count(b": not JSON: "), 4, out.stderr)
+        self.assertIn(b"line 8: not UTF-8", out.stderr)
+
+    def test_a_rejects_path_that_is_not_a_regular_file_is_refused_before_sending(self):
+        target = self.write("target.txt", [b"keep me\n"])
+        os.symlink(target, os.path.join(self.folder, "link.jsonl"))
+        os.mkdir(os.path.join(self.folder, "dir.jsonl"))
+        before = len(self.api.requests)
+        for name in ("link.jsonl", "dir.jsonl"):
+            with self.subTest(name):
+                out = run_cli_in(self.folder, "send", "--rejects", name, url=self.api.url, stdin=self.span(1))
+                self.assertEqual(out.returncode, 2, out.stderr)
+                self.assertEqual(out.stderr.strip().count(b"\n"), 0, out.stderr)
+                self.assertIn(b"not a regular file", out.stderr)
+        self.assertEqual(len(self.api.requests), before)
+        self.assertTrue(os.path.islink(os.path.join(self.folder, "link.jsonl")))
+        self.assertEqual(sorted(os.listdir(self.folder)), ["dir.jsonl", "link.jsonl", "target.txt"])
+        self.assertEqual(os.listdir(os.path.join(self.folder, "dir.jsonl")), [])
+
+    def test_ctrl_c_keeps_every_line_not_stored_even_when_the_rejects_file_is_the_input(self):
+        held, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+        answer, bulks = self.api._answer, []
+
+        def hold_the_second_bulk(method, path, *rest):
+            bulks.append(path) if path == "/api/v1/bulk" else None
+            if len(bulks) == 2 and path == "/api/v1/bulk" and not held.is_set():
+                held.set()
+                release.wait(30)
+            return answer(method, path, *rest)
+
+        self.api._answer = hold_the_second_bulk
+        self.api._server.handle_error = lambda *args: None  # the held answer finds its client gone: no noise
+        lines = [self.span(1), self.span(2, instance="missing-instance"), *(self.span(n) for n in range(3, 7))]
+        self.write("prefactor-rejects.jsonl", lines)
+        proc = start_cli_in(self.folder, "send", "prefactor-rejects.jsonl", "--chunk", "2", url=self.api.url)
+        self.assertTrue(held.wait(30))
+        proc.send_signal(signal.SIGINT)
+        out = finish_cli(proc)
+        self.assertEqual(out.returncode, 130, out.stderr)
+        self.assertNotIn(b"Traceback", out.stderr)
+        self.assertIn(b"interrupted", out.stderr)
+        self.assertEqual(self.rejects(), lines[1:])  # the API's reject, the chunk in flight and the rest of the file
+        self.assertEqual(list(self.api.spans), ["send-span-00001"])
+        self.assertEqual([f for f in os.listdir(self.folder) if f.endswith(".tmp")], [])
+
 
 class CliConfigurationTests(unittest.TestCase):
     def assert_one_line(self, out, code=2):
