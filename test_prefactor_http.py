@@ -2257,6 +2257,50 @@ class EveryDoorIsIdempotentTests(ApiTestCase):
         self.assertIn("refused", str(caught.exception.last_error))
         self.assertEqual(len(sleeps), 2)
 
+    def test_request_uses_the_key_inside_details_so_sending_twice_stores_one_span(self):
+        body = self.span_body(self.active_instance().id)
+        body["details"]["idempotency_key"] = "details-key-1"  # upstream's span-create shape
+        before = len(self.api.spans)
+        for _ in range(2):
+            self.client.request("POST", "/api/v1/agent_spans", json_data=body)
+        self.assertEqual(len(self.api.spans), before + 1)
+        for sent in self.api.requests[-2:]:
+            self.assertEqual(sent["body"]["idempotency_key"], "details-key-1")
+            self.assertEqual(sent["headers"].get("Idempotency-Key"), "details-key-1")
+
+    def test_request_checks_every_key_it_is_given_before_sending(self):
+        inst = self.active_instance()
+        before = len(self.api.requests)
+        cases = [
+            ("at most 64", {"idempotency_key": "k" * 100}, None),
+            ("non-empty string", {"idempotency_key": 12345}, None),
+            ("non-empty string", {"idempotency_key": ""}, None),
+            ("at most 64", {"details": {"idempotency_key": "k" * 65}}, None),
+            ("differ", {"idempotency_key": "body-key-1"}, "argument-key-1"),
+            ("differ", {"details": {"idempotency_key": "inner-key-1"}}, "argument-key-1"),
+            ("non-empty string", {}, ""),
+            ("non-empty string", None, ""),
+        ]
+        for text, extra, key in cases:
+            with self.subTest(text, extra=extra, key=key), self.assertRaisesRegex(ValueError, text):
+                body = None if extra is None else {**self.span_body(inst.id), **extra}
+                self.client.request("POST", "/api/v1/agent_spans", json_data=body, idempotency_key=key)
+        self.assertEqual(len(self.api.requests), before)
+
+    def test_every_mutating_request_carries_its_key_in_a_header(self):
+        agent = self.client.agents.create({"name": "a"})
+        for method, path, body, key in (
+            ("POST", f"/api/v1/agent/{agent.id}/retire", None, None),
+            ("POST", "/api/v1/bulk", [], None),
+            ("DELETE", f"/api/v1/agent/{agent.id}", None, "delete-key-1"),
+        ):
+            with self.subTest(method=method, path=path):
+                with contextlib.suppress(ph.PrefactorApiError):
+                    self.client.request(method, path, json_data=body, idempotency_key=key)
+                self.assertRegex(self.last()["headers"].get("Idempotency-Key") or "", key or r"^[0-9a-f-]{36}$")
+        self.client.request("GET", "/api/v1/ping")
+        self.assertNotIn("Idempotency-Key", self.last()["headers"])
+
 
 def start_cli_in(folder, *args, url=None, token=TOKEN):
     """Start ``python3 -m prefactor_http ARGS`` in ``folder`` (the module found by PYTHONPATH)."""
