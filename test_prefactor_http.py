@@ -719,6 +719,15 @@ class RetryTests(ApiTestCase):
         self.assertEqual(ph._backoff(config, 1, lambda: 0.0), 1.5)
         self.assertEqual(ph._backoff(config, 1, lambda: 1.0), 2.5)
 
+    def test_backoff_never_overflows_it_is_capped(self):
+        client, sleeps = make_client(self.api.url, max_retries=4, retry_multiplier=1e200, max_retry_delay=30)
+        self.addCleanup(client.close)
+        self.api.fail_next(503, times=4)
+        self.assertEqual(client.validate_token(), {"status": "success"})
+        self.assertEqual((sleeps, len(self.api.requests)), ([1.0, 30, 30, 30], 5))
+        config = HttpClientConfig(api_url="http://h", api_token="t", max_retry_delay=7)
+        self.assertEqual(ph._backoff(config, 1100, lambda: 0.5), 7)
+
     def test_retried_statuses_resend_the_same_key_and_follow_backoff(self):
         self.api.fail_next(503, times=2)
         inst = self.register()
@@ -782,6 +791,20 @@ class RetryTests(ApiTestCase):
         self.assertNotIsInstance(caught.exception, ph.PrefactorRetryExhaustedError)
         self.assertEqual((len(self.api.requests), self.sleeps), (1, []))
 
+    def test_retry_after_beyond_max_retry_delay_on_the_last_attempt_is_still_that_error(self):
+        client, sleeps = make_client(self.api.url, max_retries=1)
+        self.addCleanup(client.close)
+        for last, retry_after in ((True, 120), (False, "9" * 400)):  # so many digits that it is infinity
+            with self.subTest(retry_after=retry_after):
+                if last:  # one attempt fails first, so the 429 comes on the last attempt allowed
+                    self.api.fail_next(503)
+                self.api.fail_next(429, retry_after=retry_after)
+                with self.assertRaises(ph.PrefactorApiError) as caught:
+                    client.validate_token()
+                self.assertNotIsInstance(caught.exception, ph.PrefactorRetryExhaustedError)
+                self.assertEqual(caught.exception.retry_after, float(retry_after))
+        self.assertEqual((len(self.api.requests), sleeps), (3, [1.0]))
+
     def test_a_wait_past_total_timeout_fails_now(self):
         client, sleeps = make_client(self.api.url, total_timeout=5)
         self.addCleanup(client.close)
@@ -799,6 +822,10 @@ class RetryTests(ApiTestCase):
             "": None,
             "soon": None,
             "nan": None,
+            "1_0": None,
+            "1e3": None,
+            "inf": None,
+            "\u0661": None,  # ARABIC-INDIC DIGIT ONE: a digit, but not an ASCII one
             "Mon, 12 Jan 1970 13:46:40 GMT": 0.0,
             "Mon, 12 Jan 1970 13:47:40 GMT": 60.0,
         }
