@@ -699,6 +699,30 @@ class BadInputTests(ApiTestCase):
                 call()
         self.assertEqual(self.api.requests, [])
 
+    def test_bools_are_not_page_numbers_and_a_body_that_is_not_json_names_json_data(self):
+        cases = [
+            ("page_size must be an integer", lambda: self.client.agents.list_agents(page_size=True)),
+            ("offset must be a non-negative integer", lambda: self.client.agents.list_agents(offset=False)),
+            ("page_size must be an integer", lambda: next(self.client.agents.iter_agents(page_size=False))),
+            ("POST /api/v1/agent: json_data is not valid JSON", lambda: self.request_body([math.nan])),
+            ("POST /api/v1/agent: json_data is not valid JSON", lambda: self.request_body({1, 2})),
+        ]
+        for text, call in cases:
+            with self.subTest(text), self.assertRaisesRegex(ValueError, text):
+                call()
+        self.assertEqual(self.api.requests, [])
+
+    def request_body(self, body):
+        return self.client.request("POST", "/api/v1/agent", json_data=body)
+
+    def test_the_stand_in_answers_a_handler_bug_with_a_500_envelope(self):
+        client, _ = make_client(self.api.url, max_retries=0)
+        self.addCleanup(client.close)
+        with self.assertRaises(ph.PrefactorApiError) as caught:  # the stand-in's list handler: int("x")
+            client.request("GET", "/api/v1/agent", params={"pagination[offset]": "x"})
+        self.assertEqual((caught.exception.status_code, caught.exception.code), (500, "internal_error"))
+        self.assertEqual(len(self.api.requests), 1)
+
     def test_ids_are_one_percent_encoded_path_segment(self):
         with self.assertRaises(ph.PrefactorNotFoundError):
             self.client.agent_instances.get("../x?y")
@@ -2583,6 +2607,28 @@ class CliConfigurationTests(unittest.TestCase):
             self.assertEqual(out.returncode, 0, out.stderr)
             self.assertIn(b"accepted the token", out.stdout)
         self.assertIn(b"GET /api/v1/ping -> 200", after.stderr)
+
+    def test_numbers_that_overflow_and_hosts_that_cannot_be_named_are_bad_configuration(self):
+        cases = {
+            "request_timeout must be positive": {"request_timeout": math.inf},
+            "connect_timeout must be positive": {"connect_timeout": 1e300},
+            "max_retry_delay must be positive": {"max_retry_delay": math.nan},
+            "total_timeout must be positive": {"total_timeout": math.inf},
+            "retry_multiplier must be >= 1": {"retry_multiplier": math.inf},
+            "api_url host": {"api_url": "http://a..b"},
+            "api_url host ": {"api_url": "https://" + "x" * 64 + ".example.com/api"},
+        }
+        for text, override in cases.items():
+            values = {"api_url": "https://h", "api_token": "t", **override}
+            with self.subTest(text), self.assertRaisesRegex(ValueError, "^" + text):
+                HttpClientConfig(**values)
+        gone = api_gone_url()
+        started = [
+            start_cli_in(HERE, "ping", "--api-url", gone, "--api-token", TOKEN, "--timeout", "inf"),
+            start_cli_in(HERE, "ping", "--api-url", "http://a..b", "--api-token", TOKEN, "--retries", "1"),
+        ]
+        for proc in started:
+            self.assert_one_line(finish_cli(proc))
 
     def test_demo_with_a_refused_token_is_one_line_and_exit_2(self):
         with LocalApiServer(token=TOKEN) as api:
