@@ -2546,31 +2546,44 @@ class CliNeverLosesALineTests(unittest.TestCase):
         self.assertEqual(os.listdir(os.path.join(self.folder, "dir.jsonl")), [])
 
     def test_ctrl_c_keeps_every_line_not_stored_even_when_the_rejects_file_is_the_input(self):
-        held, release = threading.Event(), threading.Event()
-        self.addCleanup(release.set)
-        answer, bulks = self.api._answer, []
+        answer, bulks, gate = self.api._answer, [], {}
 
         def hold_the_second_bulk(method, path, *rest):
-            bulks.append(path) if path == "/api/v1/bulk" else None
-            if len(bulks) == 2 and path == "/api/v1/bulk" and not held.is_set():
-                held.set()
-                release.wait(30)
+            if path == "/api/v1/bulk":
+                bulks.append(path)
+                if len(bulks) == 2:
+                    gate["held"].set()
+                    gate["release"].wait(30)
             return answer(method, path, *rest)
 
         self.api._answer = hold_the_second_bulk
         self.api._server.handle_error = lambda *args: None  # the held answer finds its client gone: no noise
-        lines = [self.span(1), self.span(2, instance="missing-instance"), *(self.span(n) for n in range(3, 7))]
-        self.write("prefactor-rejects.jsonl", lines)
-        proc = start_cli_in(self.folder, "send", "prefactor-rejects.jsonl", "--chunk", "2", url=self.api.url)
-        self.assertTrue(held.wait(30))
-        proc.send_signal(signal.SIGINT)
-        out = finish_cli(proc)
-        self.assertEqual(out.returncode, 130, out.stderr)
-        self.assertNotIn(b"Traceback", out.stderr)
-        self.assertIn(b"interrupted", out.stderr)
-        self.assertEqual(self.rejects(), lines[1:])  # the API's reject, the chunk in flight and the rest of the file
-        self.assertEqual(list(self.api.spans), ["send-span-00001"])
-        self.assertEqual([f for f in os.listdir(self.folder) if f.endswith(".tmp")], [])
+        for tag in ("file", "stdin"):
+            with self.subTest(tag):
+                bulks.clear()
+                gate.update(held=threading.Event(), release=threading.Event())
+                self.addCleanup(gate["release"].set)
+                lines = [self.span(n, tag=tag, instance="gone" if n == 2 else None) for n in range(1, 7)]
+                self.write("prefactor-rejects.jsonl", lines)
+                name = "prefactor-rejects.jsonl" if tag == "file" else "-"
+                proc = start_cli_in(self.folder, "send", name, "--chunk", "2", url=self.api.url)
+                proc.stdin.write(b"".join(lines) if tag == "stdin" else b"")
+                proc.stdin.flush()
+                self.assertTrue(gate["held"].wait(30))
+                proc.send_signal(signal.SIGINT)
+                out = finish_cli(proc)
+                stored = [k for k in self.api.spans if tag in k]  # before the held chunk is let through
+                gate["release"].set()
+                self.assertEqual(out.returncode, 130, out.stderr)
+                self.assertNotIn(b"Traceback", out.stderr)
+                self.assertEqual(out.stderr.count(b"\n"), 2, out.stderr)  # the API's reject, then why it stopped
+                self.assertIn(
+                    b"interrupted" + (b"; stdin after line 4 was not read" if tag == "stdin" else b";"), out.stderr
+                )
+                kept = lines[1:] if tag == "file" else lines[1:4]  # the API's reject, the chunk held, the rest of FILE
+                self.assertEqual(self.rejects(), kept)
+                self.assertEqual(stored, [f"{tag}-span-00001"])
+                self.assertEqual([f for f in os.listdir(self.folder) if f.endswith(".tmp")], [])
 
 
 class CliConfigurationTests(unittest.TestCase):
