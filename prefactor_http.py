@@ -302,7 +302,7 @@ def is_permanent_http_error(error: BaseException) -> bool:
 
 
 def _positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1e9:  # 1e300: OverflowError
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1e9:  # 1e300 overflows
         raise ValueError(f"{name} must be positive and at most 1e9 (a number of seconds), got {value!r}")
 
 
@@ -1833,7 +1833,7 @@ class PrefactorHttpClient:
         keyed = isinstance(json_data, dict)  # only a JSON object can carry the key
         body = json_data if keyed else {}
         inner = body["details"].get("idempotency_key") if isinstance(body.get("details"), dict) else None
-        given = [k for k in (idempotency_key, body.get("idempotency_key"), inner) if k is not None]  # each checked
+        given = [k for k in (idempotency_key, body.get("idempotency_key"), inner) if k is not None]  # all must agree
         if any(k != given[0] for k in given):
             raise ValueError(f"{method} {path}: idempotency_key and the key in json_data differ")
         key = self._key(given[0] if given else None) if given or method != "GET" else None
