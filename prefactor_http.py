@@ -302,8 +302,8 @@ def is_permanent_http_error(error: BaseException) -> bool:
 
 
 def _positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be positive (a number of seconds), got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1e9:  # 1e300 overflows
+        raise ValueError(f"{name} must be positive and at most 1e9 (a number of seconds), got {value!r}")
 
 
 def _check_header_value(name: str, value: str) -> None:
@@ -346,6 +346,8 @@ class HttpClientConfig:
             raise ValueError(f"api_url must be an http:// or https:// URL, got {self.api_url!r}")
         if not self.api_url.isascii() or not self.api_url.isprintable() or " " in self.api_url:
             raise ValueError("api_url must be ASCII without spaces (percent-encode the path, IDNA-encode the host)")
+        if any(not 0 < len(label) < 64 for label in parts.hostname.rstrip(".").split(".")):  # as the idna codec
+            raise ValueError(f"api_url host {parts.hostname!r} has an empty label or one over 63 characters")
         if parts.query or parts.fragment or "@" in parts.netloc:
             raise ValueError("api_url must not carry credentials, a query string or a fragment")
         if not isinstance(self.api_token, str) or not self.api_token:
@@ -362,8 +364,8 @@ class HttpClientConfig:
             raise ValueError(f"max_retries must be non-negative (an integer), got {self.max_retries!r}")
         if self.initial_retry_delay > self.max_retry_delay:
             raise ValueError("initial_retry_delay must be <= max_retry_delay")
-        if isinstance(self.retry_multiplier, bool) or not self.retry_multiplier >= 1:
-            raise ValueError("retry_multiplier must be >= 1")
+        if isinstance(self.retry_multiplier, bool) or not 1 <= self.retry_multiplier < float("inf"):
+            raise ValueError("retry_multiplier must be >= 1 and finite")
         codes = tuple(self.retry_on_status_codes)
         for code in codes:
             if isinstance(code, bool) or not isinstance(code, int) or not 100 <= code <= 599:
@@ -766,14 +768,15 @@ _decode = json.JSONDecoder().decode
 _encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=_json_default).encode
 
 
-def _encode_body(body: dict[str, Any], operation: str) -> bytes:
+def _encode_body(body: Any, operation: str) -> bytes:
     """JSON bytes, or a ValueError naming the argument that is not JSON."""
     try:
         return _encode(body).encode()
     except (ValueError, TypeError, RecursionError) as exc:
-        culprit = "the request body"
-        details = body.get("details")
-        pairs = [*(details.items() if isinstance(details, dict) else ()), *body.items()]
+        fields = body if isinstance(body, dict) else {}
+        culprit = "the request body" if fields else "json_data"  # only request() sends a body that is not a dict
+        details = fields.get("details")
+        pairs = [*(details.items() if isinstance(details, dict) else ()), *fields.items()]
         for key, value in pairs:
             try:
                 _encode(value)
@@ -847,9 +850,9 @@ def _parse_retry_after(value: str | None, now: float | None = None) -> float | N
     if not value:
         return None
     value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
+    if re.fullmatch(r"-?[0-9]+(\.[0-9]*)?", value):  # delta-seconds (a sign or fraction tolerated); not 1e9, 1_0
+        seconds = float(value)  # so many digits that it is inf: longer than any max_retry_delay
+    else:
         from email.utils import parsedate_to_datetime
 
         try:
@@ -859,14 +862,14 @@ def _parse_retry_after(value: str | None, now: float | None = None) -> float | N
         if when.tzinfo is None:
             when = when.replace(tzinfo=_UTC)
         seconds = when.timestamp() - (time.time() if now is None else now)
-    if seconds != seconds or seconds == float("inf"):  # NaN or infinity
-        return None
     return max(0.0, seconds)
 
 
 def _backoff(config: HttpClientConfig, retry: int, rand: Callable[[], float]) -> float:
     """``initial * multiplier**retry`` with jitter x0.75-1.25, capped."""
-    base = config.initial_retry_delay * config.retry_multiplier**retry
+    base = config.max_retry_delay  # when multiplier**retry overflows, it is far past the cap
+    with suppress(OverflowError):
+        base = config.initial_retry_delay * config.retry_multiplier**retry
     return min(base * (0.75 + rand() * 0.5), config.max_retry_delay)
 
 
@@ -1591,9 +1594,9 @@ class _Agents(_Group):
     _FILTERS = ("risk_profile_id", "team_id", "owner_person_id", "sorting")  # list_agents' filters, in order
 
     def _page(self, offset: int | None, page_size: int | None, *filters: str | None) -> ListResponse:
-        if page_size is not None and not (isinstance(page_size, int) and 1 <= page_size <= 100):
+        if page_size is not None and not (type(page_size) is int and 1 <= page_size <= 100):
             raise ValueError(f"page_size must be an integer from 1 to 100, got {page_size!r}")
-        if offset is not None and not (isinstance(offset, int) and offset >= 0):
+        if offset is not None and not (type(offset) is int and offset >= 0):
             raise ValueError(f"offset must be a non-negative integer, got {offset!r}")
         query = _drop_none(**dict(zip(self._FILTERS, filters)))
         query.update(_drop_none(**{"pagination[offset]": offset, "pagination[page_size]": page_size}))
@@ -1766,20 +1769,26 @@ class PrefactorHttpClient:
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
         """Call any endpoint with the client's retries and errors: the escape hatch.
-        A mutating call's JSON-object body gets an ``idempotency_key`` (yours, or
-        one made for this call) unless it has one; yours also goes in an
-        ``Idempotency-Key`` header, as upstream. A mutating call whose body cannot
+        A mutating call's JSON-object body gets an ``idempotency_key`` (yours, its
+        ``details``' or one made for this call) unless it has one; the key also goes
+        in an ``Idempotency-Key`` header, as upstream. A mutating call whose body cannot
         carry a key (none, a list) is not retried once it may have reached the server."""
         method = method.upper()
         if method not in ("GET", "POST", "PUT", "PATCH", "DELETE"):
             raise ValueError(f"unsupported method {method!r}")
         if not isinstance(path, str) or not re.fullmatch(r'/[!"$-~]*', path):  # printable ASCII, no space or '#'
             raise ValueError(f"path must start with '/' and hold no spaces or '#', got {path!r}")
-        extra = [("Idempotency-Key", _check_key(idempotency_key))] if idempotency_key else None
         keyed = isinstance(json_data, dict)  # only a JSON object can carry the key
-        if keyed and method != "GET" and json_data.get("idempotency_key") is None:
-            json_data = {**json_data, "idempotency_key": self._key(idempotency_key or None)}
-        resend = keyed or method == "GET"  # a keyless mutation is sent at most once
+        body = json_data if keyed else {}
+        inner = body["details"].get("idempotency_key") if isinstance(body.get("details"), dict) else None
+        given = [k for k in (idempotency_key, body.get("idempotency_key"), inner) if k is not None]  # all must agree
+        if any(k != given[0] for k in given):
+            raise ValueError(f"{method} {path}: idempotency_key and the key in json_data differ")
+        key = self._key(given[0] if given else None) if given or method != "GET" else None
+        if key and keyed and body.get("idempotency_key") is None:  # span create's key in details goes on top too
+            json_data = {**body, "idempotency_key": key}
+        extra = [("Idempotency-Key", key)] if key else None
+        resend = keyed or method == "GET"  # a mutation whose body cannot carry the key is sent at most once
         op = f"{method} {path}"
         return self._call(method, path, body=json_data, query=params, operation=op, extra_headers=extra, resend=resend)
 
@@ -1809,7 +1818,7 @@ class PrefactorHttpClient:
         payload = None
         head = b"\r\n" if method == "GET" else b"Content-Length: 0\r\n\r\n"
         if body is not None:
-            payload = _encode_body(body, operation) if isinstance(body, dict) else _encode(body).encode()
+            payload = _encode_body(body, operation)
             head = b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(payload)
         if extra_headers:
             head = "".join(f"{k}: {v}\r\n" for k, v in extra_headers).encode() + head
@@ -1857,14 +1866,12 @@ class PrefactorHttpClient:
             or error.status_code not in self.config.retry_on_status_codes
         ):
             return None
+        retry_after = getattr(error, "retry_after", None)
+        if retry_after is not None and retry_after > self.config.max_retry_delay:
+            return None  # the server asks for more patience than we were given
         if attempt >= self.config.max_retries:
             return 0.0  # retryable, but the attempts are spent: the caller decides
-        delay = _backoff(self.config, attempt, self._random)
-        retry_after = getattr(error, "retry_after", None)
-        if retry_after is not None:
-            if retry_after > self.config.max_retry_delay:
-                return None  # the server asks for more patience than we were given
-            delay = retry_after
+        delay = _backoff(self.config, attempt, self._random) if retry_after is None else retry_after
         if _monotonic() + delay >= total_deadline:
             return None
         return delay
@@ -2302,6 +2309,8 @@ class LocalApiServer:
                 raise _Reject(404, "not_found", f"no route for {method} {path}")
         except _Reject as reject:
             answer = reject.status, reject.envelope()
+        except Exception as exc:  # a handler's bug is a 500 with an envelope, as a real server's would be
+            answer = 500, _Reject(0, "internal_error", f"{type(exc).__name__}: {exc}").envelope()
         if key is not None:
             self._replies[method, path, key] = answer
         return answer
@@ -2650,27 +2659,45 @@ def _cli_ping(args: Any) -> int:
 
 
 def _cli_send(args: Any) -> int:
-    """Send JSON-lines bulk items in chunks. A line not stored goes, unchanged, to
-    the rejects file, written aside and moved into place at the end, so it may be
-    the input. A refused token or an unreachable API stops the sending."""
+    """Send JSON-lines bulk items in chunks. A line not stored goes, byte for byte,
+    to the rejects file, written aside and moved into place at the end, so it may be
+    the input. A refused token, an unreachable API or Ctrl-C stops the sending."""
     import tempfile
 
     config = _cli_config(args)
     rejects = os.path.abspath(args.rejects)
+    if os.path.islink(rejects) or (os.path.exists(rejects) and not os.path.isfile(rejects)):
+        raise ValueError(f"--rejects {rejects} exists and is not a regular file")
     clear = "\r\x1b[K" if sys.stderr.isatty() else ""  # clears the progress line, shown on a terminal only
-    text: Any = {"encoding": "utf-8", "errors": "surrogateescape", "newline": ""}  # lines kept byte for byte
-    source = open(0 if args.file == "-" else args.file, closefd=args.file != "-", **text)  # noqa: SIM115
+    source = open(0 if args.file == "-" else args.file, "rb", closefd=args.file != "-")  # noqa: SIM115
     handle, temp = tempfile.mkstemp(".tmp", ".prefactor-rejects-", os.path.dirname(rejects))
     counts = {"ok": 0, "rejected": 0}
     keys: dict[str, int] = {}  # the line where each key was seen
     stop: list[tuple[int, str]] = []  # exit status and message of the failure that ended sending
-    chunk: list[tuple[int, str, dict[str, Any]]] = []
+    chunk: list[tuple[int, bytes, dict[str, Any]]] = []
+    number, raw = 0, b""  # the line being read, until it is in the chunk or the rejects file
 
-    def reject(line: str, why: str | None) -> None:
-        out.write(line if line.endswith("\n") else line + "\n")
+    def reject(line: bytes, why: str | None) -> None:
+        out.write(line if line.endswith(b"\n") else line + b"\n")
         counts["rejected"] += 1
         if why:
             print(f"{clear}rejected: {why}", file=sys.stderr)
+
+    def take(number: int, line: bytes) -> None:
+        what = "not UTF-8"
+        try:  # a line is split at b"\n" only (a lone \r is JSON whitespace); a BOM may start the file
+            text = line.decode("utf-8-sig" if number == 1 else "utf-8")
+            what = "not JSON"  # without its ending: a cut-off string is not an "invalid control character"
+            item = json.loads(text.rstrip("\r\n"))
+            _encode(item)  # NaN, Infinity, 1e400: read by json.loads, refused by the encoder
+            what = "not a bulk item"
+            key = BulkRequest([item]).items[0].idempotency_key
+            if key in keys:
+                raise ValueError(f"idempotency_key {key!r} repeats line {keys[key]}")
+            keys[key] = number
+            chunk.append((number, line, item))
+        except (ValueError, RecursionError) as exc:
+            reject(line, f"line {number}: {what}: {' '.join(str(exc).split())}")
 
     def flush() -> None:
         outputs: dict[str, Any] = {}
@@ -2695,38 +2722,34 @@ def _cli_send(args: Any) -> int:
             print(f"{clear}{counts['ok']} sent, {counts['rejected']} rejected", end="", file=sys.stderr)
 
     try:
-        with PrefactorHttpClient(config) as client, source, open(handle, "w", **text) as out:
-            for number, line in enumerate(source, 1):
-                if not line.strip():
-                    continue
-                if stop:  # sending has ended: the rest goes to the rejects file as it is
-                    reject(line, None)
-                    continue
-                try:  # without its ending: a cut-off string is not an "invalid control character"
-                    item = json.loads(line.rstrip("\r\n"))
-                    key = BulkRequest([item]).items[0].idempotency_key
-                    if key in keys:
-                        raise ValueError(f"idempotency_key {key!r} repeats line {keys[key]}")
-                except ValueError as exc:
-                    what = "not JSON" if isinstance(exc, json.JSONDecodeError) else "not a bulk item"
-                    reject(line, f"line {number}: {what}: {' '.join(str(exc).split())}")
-                    continue
-                keys[key] = number
-                chunk.append((number, line, item))
-                if len(chunk) >= args.chunk:
-                    flush()
-            flush()
+        with PrefactorHttpClient(config) as client, source, open(handle, "wb") as out:
+            try:
+                for number, raw in enumerate(source, 1):
+                    if stop and raw.strip(b" \t\r\n"):  # sending has ended: the rest goes to the rejects file as is
+                        reject(raw, None)
+                    elif raw.strip(b" \t\r\n"):  # blank lines are skipped; NBSP or form feed is not JSON
+                        take(number, raw)
+                    raw = b""
+                    if len(chunk) >= args.chunk:
+                        flush()
+                flush()
+            except KeyboardInterrupt:  # Ctrl-C: the lines read and not stored, and the rest of a FILE, are kept
+                rest = f"; stdin after line {number} was not read" if args.file == "-" else ""
+                stop.insert(0, (130, "interrupted" + rest))
+                for line in [*(line for _, line, _ in chunk), raw, *(() if rest else source)]:
+                    if line.strip(b" \t\r\n"):
+                        reject(line, None)
         os.replace(temp, rejects)
-        if not counts["rejected"]:
-            os.remove(rejects)  # a clean run leaves no rejects file, not even an earlier one
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
+    except BaseException:  # the rejects file is never deleted unless it was moved into place
+        print(f"{clear}the lines rejected so far are kept in {temp}", file=sys.stderr)
+        raise
+    if not counts["rejected"]:
+        os.remove(rejects)  # a clean run leaves no rejects file, not even an earlier one
     print(clear, end="", file=sys.stderr)
     written = f"; rejects written to {rejects}" if counts["rejected"] else ""
     print(f"{counts['ok']} sent, {counts['rejected']} rejected{written}")
     if stop:
-        print(f"{stop[0][1]}; every unsent line is in the rejects file", file=sys.stderr)
+        print(f"{stop[0][1]}; every line read and not stored is in the rejects file", file=sys.stderr)
     return stop[0][0] if stop else int(counts["rejected"] > 0)
 
 

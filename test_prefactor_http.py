@@ -699,6 +699,30 @@ class BadInputTests(ApiTestCase):
                 call()
         self.assertEqual(self.api.requests, [])
 
+    def test_bools_are_not_page_numbers_and_a_body_that_is_not_json_names_json_data(self):
+        cases = [
+            ("page_size must be an integer", lambda: self.client.agents.list_agents(page_size=True)),
+            ("offset must be a non-negative integer", lambda: self.client.agents.list_agents(offset=False)),
+            ("page_size must be an integer", lambda: next(self.client.agents.iter_agents(page_size=False))),
+            ("POST /api/v1/agent: json_data is not valid JSON", lambda: self.request_body([math.nan])),
+            ("POST /api/v1/agent: json_data is not valid JSON", lambda: self.request_body({1, 2})),
+        ]
+        for text, call in cases:
+            with self.subTest(text), self.assertRaisesRegex(ValueError, text):
+                call()
+        self.assertEqual(self.api.requests, [])
+
+    def request_body(self, body):
+        return self.client.request("POST", "/api/v1/agent", json_data=body)
+
+    def test_the_stand_in_answers_a_handler_bug_with_a_500_envelope(self):
+        client, _ = make_client(self.api.url, max_retries=0)
+        self.addCleanup(client.close)
+        with self.assertRaises(ph.PrefactorApiError) as caught:  # the stand-in's list handler: int("x")
+            client.request("GET", "/api/v1/agent", params={"pagination[offset]": "x"})
+        self.assertEqual((caught.exception.status_code, caught.exception.code), (500, "internal_error"))
+        self.assertEqual(len(self.api.requests), 1)
+
     def test_ids_are_one_percent_encoded_path_segment(self):
         with self.assertRaises(ph.PrefactorNotFoundError):
             self.client.agent_instances.get("../x?y")
@@ -718,6 +742,15 @@ class RetryTests(ApiTestCase):
         self.assertEqual([ph._backoff(config, n, lambda: 0.5) for n in range(4)], [1, 2, 4, 5])
         self.assertEqual(ph._backoff(config, 1, lambda: 0.0), 1.5)
         self.assertEqual(ph._backoff(config, 1, lambda: 1.0), 2.5)
+
+    def test_backoff_never_overflows_it_is_capped(self):
+        client, sleeps = make_client(self.api.url, max_retries=4, retry_multiplier=1e200, max_retry_delay=30)
+        self.addCleanup(client.close)
+        self.api.fail_next(503, times=4)
+        self.assertEqual(client.validate_token(), {"status": "success"})
+        self.assertEqual((sleeps, len(self.api.requests)), ([1.0, 30, 30, 30], 5))
+        config = HttpClientConfig(api_url="http://h", api_token="t", max_retry_delay=7)
+        self.assertEqual(ph._backoff(config, 1100, lambda: 0.5), 7)
 
     def test_retried_statuses_resend_the_same_key_and_follow_backoff(self):
         self.api.fail_next(503, times=2)
@@ -782,6 +815,20 @@ class RetryTests(ApiTestCase):
         self.assertNotIsInstance(caught.exception, ph.PrefactorRetryExhaustedError)
         self.assertEqual((len(self.api.requests), self.sleeps), (1, []))
 
+    def test_retry_after_beyond_max_retry_delay_on_the_last_attempt_is_still_that_error(self):
+        client, sleeps = make_client(self.api.url, max_retries=1)
+        self.addCleanup(client.close)
+        for last, retry_after in ((True, 120), (False, "9" * 400)):  # so many digits that it is infinity
+            with self.subTest(retry_after=retry_after):
+                if last:  # one attempt fails first, so the 429 comes on the last attempt allowed
+                    self.api.fail_next(503)
+                self.api.fail_next(429, retry_after=retry_after)
+                with self.assertRaises(ph.PrefactorApiError) as caught:
+                    client.validate_token()
+                self.assertNotIsInstance(caught.exception, ph.PrefactorRetryExhaustedError)
+                self.assertEqual(caught.exception.retry_after, float(retry_after))
+        self.assertEqual((len(self.api.requests), sleeps), (3, [1.0]))
+
     def test_a_wait_past_total_timeout_fails_now(self):
         client, sleeps = make_client(self.api.url, total_timeout=5)
         self.addCleanup(client.close)
@@ -799,6 +846,10 @@ class RetryTests(ApiTestCase):
             "": None,
             "soon": None,
             "nan": None,
+            "1_0": None,
+            "1e3": None,
+            "inf": None,
+            "\u0661": None,  # ARABIC-INDIC DIGIT ONE: a digit, but not an ASCII one
             "Mon, 12 Jan 1970 13:46:40 GMT": 0.0,
             "Mon, 12 Jan 1970 13:47:40 GMT": 60.0,
         }
@@ -2058,6 +2109,11 @@ class ConnectionOwnershipTests(ApiTestCase):
         del client
         self.assertTrue(closed.wait(5))
 
+    def test_a_group_outlives_the_expression_that_made_its_client(self):
+        agents = PrefactorHttpClient(self.api.config()).agents  # the client itself is not kept
+        self.assertEqual(agents.create({"name": "kept"}).name, "kept")
+        self.assertEqual([a["name"] for a in self.api.agents.values()], ["kept"])
+
 
 class RequestLineTests(FaultTestCase):
     def test_params_join_a_query_in_the_path_and_bodyless_writes_send_a_zero_length(self):
@@ -2195,7 +2251,7 @@ class EveryDoorIsIdempotentTests(ApiTestCase):
                 first, second = self.api.requests[-2:]
                 self.assertEqual(first["body"], second["body"])
                 self.assertEqual(first["body"]["idempotency_key"], key or first["body"]["idempotency_key"])
-                self.assertEqual(second["headers"].get("Idempotency-Key"), key)
+                self.assertEqual(second["headers"].get("Idempotency-Key"), first["body"]["idempotency_key"])
 
     def test_request_keeps_the_callers_body_key_and_does_not_touch_the_callers_dict(self):
         body = {**self.span_body(self.active_instance().id), "idempotency_key": "body-key-1"}
@@ -2251,6 +2307,50 @@ class EveryDoorIsIdempotentTests(ApiTestCase):
             client.request("DELETE", "/api/v1/agent/a1")
         self.assertIn("refused", str(caught.exception.last_error))
         self.assertEqual(len(sleeps), 2)
+
+    def test_request_uses_the_key_inside_details_so_sending_twice_stores_one_span(self):
+        body = self.span_body(self.active_instance().id)
+        body["details"]["idempotency_key"] = "details-key-1"  # upstream's span-create shape
+        before = len(self.api.spans)
+        for _ in range(2):
+            self.client.request("POST", "/api/v1/agent_spans", json_data=body)
+        self.assertEqual(len(self.api.spans), before + 1)
+        for sent in self.api.requests[-2:]:
+            self.assertEqual(sent["body"]["idempotency_key"], "details-key-1")
+            self.assertEqual(sent["headers"].get("Idempotency-Key"), "details-key-1")
+
+    def test_request_checks_every_key_it_is_given_before_sending(self):
+        inst = self.active_instance()
+        before = len(self.api.requests)
+        cases = [
+            ("at most 64", {"idempotency_key": "k" * 100}, None),
+            ("non-empty string", {"idempotency_key": 12345}, None),
+            ("non-empty string", {"idempotency_key": ""}, None),
+            ("at most 64", {"details": {"idempotency_key": "k" * 65}}, None),
+            ("differ", {"idempotency_key": "body-key-1"}, "argument-key-1"),
+            ("differ", {"details": {"idempotency_key": "inner-key-1"}}, "argument-key-1"),
+            ("non-empty string", {}, ""),
+            ("non-empty string", None, ""),
+        ]
+        for text, extra, key in cases:
+            with self.subTest(text, extra=extra, key=key), self.assertRaisesRegex(ValueError, text):
+                body = None if extra is None else {**self.span_body(inst.id), **extra}
+                self.client.request("POST", "/api/v1/agent_spans", json_data=body, idempotency_key=key)
+        self.assertEqual(len(self.api.requests), before)
+
+    def test_every_mutating_request_carries_its_key_in_a_header(self):
+        agent = self.client.agents.create({"name": "a"})
+        for method, path, body, key in (
+            ("POST", f"/api/v1/agent/{agent.id}/retire", None, None),
+            ("POST", "/api/v1/bulk", [], None),
+            ("DELETE", f"/api/v1/agent/{agent.id}", None, "delete-key-1"),
+        ):
+            with self.subTest(method=method, path=path):
+                with contextlib.suppress(ph.PrefactorApiError):
+                    self.client.request(method, path, json_data=body, idempotency_key=key)
+                self.assertRegex(self.last()["headers"].get("Idempotency-Key") or "", key or r"^[0-9a-f-]{36}$")
+        self.client.request("GET", "/api/v1/ping")
+        self.assertNotIn("Idempotency-Key", self.last()["headers"])
 
 
 def start_cli_in(folder, *args, url=None, token=TOKEN):
@@ -2400,6 +2500,91 @@ class CliNeverLosesALineTests(unittest.TestCase):
         self.assertIn(b"auth failed", out.stderr)
         self.assertEqual(self.api.spans, {})
 
+    def test_lines_json_reads_but_cannot_send_are_rejected_and_earlier_rejects_kept(self):
+        def with_payload(n, value):
+            return self.span(n, tag="nan").replace(b'"status"', b'"payload": {"x": %s}, "status"' % value)
+
+        unsendable = [with_payload(3, b"NaN"), with_payload(4, b"-Infinity"), with_payload(5, b"1e400")]
+        for tag, odd in (("nan", unsendable), ("deep", [b"[" * 100000 + b"]" * 100000 + b"\n"])):
+            with self.subTest(tag):
+                lines = [self.span(n, tag=tag, instance=None if n != 2 else "gone") for n in (1, 2)]
+                lines += [*odd, self.span(6, tag=tag)]
+                out = run_cli_in(self.folder, "send", self.write("in.jsonl", lines), "--chunk", "2", url=self.api.url)
+                self.assertEqual(out.returncode, 1, out.stderr)
+                self.assertNotIn(b"Traceback", out.stderr)
+                self.assertEqual(self.rejects(), [lines[1], *odd])  # the API's reject, written before, is kept too
+                self.assertEqual(
+                    [k for k in sorted(self.api.spans) if tag in k], [f"{tag}-span-00001", f"{tag}-span-00006"]
+                )
+                self.assertEqual(out.stderr.count(b": not JSON: "), len(odd), out.stderr)
+
+    def test_lines_are_split_at_newline_only_and_kept_byte_for_byte(self):
+        cr = self.span(2).replace(b", ", b",\r ")  # a lone CR is JSON whitespace, not a line end
+        odd = [b"\xc2\xa0\n", b"\x0c\n", b"\x1c\n", "\u3000\n".encode(), self.span(4).replace(b"s", b"\xe9", 1)]
+        lines = [b"\xef\xbb\xbf" + self.span(1), cr, b" \t\r\n", *odd, self.span(5)]  # a BOM starts the file
+        out = run_cli_in(self.folder, "send", self.write("in.jsonl", lines), url=self.api.url)
+        self.assertEqual(out.returncode, 1, out.stderr)
+        self.assertEqual(sorted(self.api.spans), ["send-span-00001", "send-span-00002", "send-span-00005"])
+        self.assertEqual(self.rejects(), odd)
+        self.assertEqual(out.stderr.count(b": not JSON: "), 4, out.stderr)
+        self.assertIn(b"line 8: not UTF-8", out.stderr)
+
+    def test_a_rejects_path_that_is_not_a_regular_file_is_refused_before_sending(self):
+        target = self.write("target.txt", [b"keep me\n"])
+        os.symlink(target, os.path.join(self.folder, "link.jsonl"))
+        os.mkdir(os.path.join(self.folder, "dir.jsonl"))
+        before = len(self.api.requests)
+        for name in ("link.jsonl", "dir.jsonl"):
+            with self.subTest(name):
+                out = run_cli_in(self.folder, "send", "--rejects", name, url=self.api.url, stdin=self.span(1))
+                self.assertEqual(out.returncode, 2, out.stderr)
+                self.assertEqual(out.stderr.strip().count(b"\n"), 0, out.stderr)
+                self.assertIn(b"not a regular file", out.stderr)
+        self.assertEqual(len(self.api.requests), before)
+        self.assertTrue(os.path.islink(os.path.join(self.folder, "link.jsonl")))
+        self.assertEqual(sorted(os.listdir(self.folder)), ["dir.jsonl", "link.jsonl", "target.txt"])
+        self.assertEqual(os.listdir(os.path.join(self.folder, "dir.jsonl")), [])
+
+    def test_ctrl_c_keeps_every_line_not_stored_even_when_the_rejects_file_is_the_input(self):
+        answer, bulks, gate = self.api._answer, [], {}
+
+        def hold_the_second_bulk(method, path, *rest):
+            if path == "/api/v1/bulk":
+                bulks.append(path)
+                if len(bulks) == 2:
+                    gate["held"].set()
+                    gate["release"].wait(30)
+            return answer(method, path, *rest)
+
+        self.api._answer = hold_the_second_bulk
+        self.api._server.handle_error = lambda *args: None  # the held answer finds its client gone: no noise
+        for tag in ("file", "stdin"):
+            with self.subTest(tag):
+                bulks.clear()
+                gate.update(held=threading.Event(), release=threading.Event())
+                self.addCleanup(gate["release"].set)
+                lines = [self.span(n, tag=tag, instance="gone" if n == 2 else None) for n in range(1, 7)]
+                self.write("prefactor-rejects.jsonl", lines)
+                name = "prefactor-rejects.jsonl" if tag == "file" else "-"
+                proc = start_cli_in(self.folder, "send", name, "--chunk", "2", url=self.api.url)
+                proc.stdin.write(b"".join(lines) if tag == "stdin" else b"")
+                proc.stdin.flush()
+                self.assertTrue(gate["held"].wait(30))
+                proc.send_signal(signal.SIGINT)
+                out = finish_cli(proc)
+                stored = [k for k in self.api.spans if tag in k]  # before the held chunk is let through
+                gate["release"].set()
+                self.assertEqual(out.returncode, 130, out.stderr)
+                self.assertNotIn(b"Traceback", out.stderr)
+                self.assertEqual(out.stderr.count(b"\n"), 2, out.stderr)  # the API's reject, then why it stopped
+                self.assertIn(
+                    b"interrupted" + (b"; stdin after line 4 was not read" if tag == "stdin" else b";"), out.stderr
+                )
+                kept = lines[1:] if tag == "file" else lines[1:4]  # the API's reject, the chunk held, the rest of FILE
+                self.assertEqual(self.rejects(), kept)
+                self.assertEqual(stored, [f"{tag}-span-00001"])
+                self.assertEqual([f for f in os.listdir(self.folder) if f.endswith(".tmp")], [])
+
 
 class CliConfigurationTests(unittest.TestCase):
     def assert_one_line(self, out, code=2):
@@ -2435,6 +2620,28 @@ class CliConfigurationTests(unittest.TestCase):
             self.assertEqual(out.returncode, 0, out.stderr)
             self.assertIn(b"accepted the token", out.stdout)
         self.assertIn(b"GET /api/v1/ping -> 200", after.stderr)
+
+    def test_numbers_that_overflow_and_hosts_that_cannot_be_named_are_bad_configuration(self):
+        cases = {
+            "request_timeout must be positive": {"request_timeout": math.inf},
+            "connect_timeout must be positive": {"connect_timeout": 1e300},
+            "max_retry_delay must be positive": {"max_retry_delay": math.nan},
+            "total_timeout must be positive": {"total_timeout": math.inf},
+            "retry_multiplier must be >= 1": {"retry_multiplier": math.inf},
+            "api_url host": {"api_url": "http://a..b"},
+            "api_url host ": {"api_url": "https://" + "x" * 64 + ".example.com/api"},
+        }
+        for text, override in cases.items():
+            values = {"api_url": "https://h", "api_token": "t", **override}
+            with self.subTest(text), self.assertRaisesRegex(ValueError, "^" + text):
+                HttpClientConfig(**values)
+        gone = api_gone_url()
+        started = [
+            start_cli_in(HERE, "ping", "--api-url", gone, "--api-token", TOKEN, "--timeout", "inf"),
+            start_cli_in(HERE, "ping", "--api-url", "http://a..b", "--api-token", TOKEN, "--retries", "1"),
+        ]
+        for proc in started:
+            self.assert_one_line(finish_cli(proc))
 
     def test_demo_with_a_refused_token_is_one_line_and_exit_2(self):
         with LocalApiServer(token=TOKEN) as api:
