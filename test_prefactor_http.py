@@ -806,6 +806,47 @@ class ResponseModelTests(FaultTestCase):
         bulk = reply_with(self, {}, lambda c: c.bulk.execute([{"_type": "agents/list", "idempotency_key": "list-key"}]))
         self.assertEqual((bulk.status, bulk.outputs, bulk.extra), ("success", {}, {}))
 
+    def test_unknown_keys_stay_out_of_reprs(self):
+        ids = {"id": "x1"}
+        for cls, required in [
+            (ph.AgentInstance, ids),
+            (ph.AgentInstanceSpanCounts, {}),
+            (ph.AgentSpan, ids),
+            (ph.AgentSummary, ids),
+            (ph.Agent, ids),
+            (ph.Pagination, {}),
+            (ph.ListResponse, {}),
+            (ph.BulkOutput, {}),
+            (ph.BulkResponse, {}),
+        ]:
+            with self.subTest(cls.__name__):
+                self.assertNotIn("zz_unknown", repr(cls(**required, extra={"zz_unknown": 1})))
+
+    def test_a_malformed_answer_names_the_operation(self):
+        inst, spans, agents = "i1", "s1", "a1"
+        calls = {
+            "agent_instances.register": lambda c: c.agent_instances.register({"name": "v"}),
+            "agent_instances.start": lambda c: c.agent_instances.start(inst),
+            "agent_instances.finish": lambda c: c.agent_instances.finish(inst),
+            "agent_instances.get": lambda c: c.agent_instances.get(inst),
+            "agent_instances.record_quality": lambda c: c.agent_instances.record_quality(inst, "q", {}),
+            "agent_spans.create": lambda c: c.agent_spans.create(inst, "s", "active"),
+            "agent_spans.finish": lambda c: c.agent_spans.finish(spans),
+            "agents.create": lambda c: c.agents.create({"name": "n"}),
+            "agents.get": lambda c: c.agents.get(agents),
+            "agents.update": lambda c: c.agents.update(agents, {"name": "m"}),
+            "agents.show": lambda c: c.agents.show(agent_id=agents),
+            "agents.retire": lambda c: c.agents.retire(agents),
+            "agents.reinstate": lambda c: c.agents.reinstate(agents),
+            "agents.delete": lambda c: c.agents.delete(agents),
+        }
+        for operation, call in calls.items():
+            with self.subTest(operation), self.assertRaises(ph.PrefactorResponseContractError) as caught:
+                reply_with(self, {"status": "success"}, call)
+            self.assertTrue(str(caught.exception).startswith(operation + ": "), str(caught.exception))
+        with self.assertRaisesRegex(ph.PrefactorResponseContractError, r"^agents\.list_agents response\.pagination "):
+            reply_with(self, {"summaries": [], "pagination": 5}, lambda c: c.agents.list_agents())
+
     def test_known_keys_are_converted_and_unknown_kept(self):
         details = {
             "id": "i1",
@@ -1016,6 +1057,11 @@ class RequestArgumentTests(ApiTestCase):
             (ValueError, "offset", lambda: agents.list_agents(offset="1")),
             (ValueError, "page_size", lambda: next(agents.iter_agents(page_size=101))),
             (TypeError, "items must be a list", lambda: self.client.bulk.execute("agents/list")),
+            (
+                ValueError,
+                "the request body is not valid JSON",
+                lambda: self.client.request("POST", "/x", json_data={(1,): 2}),
+            ),
         ]
         for cls, text, call in cases:
             with self.subTest(text), self.assertRaisesRegex(cls, text):
@@ -1042,6 +1088,25 @@ class RequestArgumentTests(ApiTestCase):
         self.assertEqual(self.last()["body"]["timestamp"], "2026-01-01T00:00:00.000005Z")
         self.client.request("GET", "/api/v1/ping", params={"f": False, "t": True, "n": 0, "s": "x"})
         self.assertEqual(self.last()["query"], {"f": "false", "t": "true", "n": "0", "s": "x"})
+
+    def test_iteration_sends_every_filter_and_walks_one_item_pages(self):
+        for name in ("a0", "a1", "a2"):
+            self.client.agents.create({"name": name, "owner_person_id": "p1", "risk_profile_id": "r1"})
+        self.client.agents.create({"name": "other", "owner_person_id": "p2", "risk_profile_id": "r1"})
+        rows = self.client.agents.iter_agents(owner_person_id="p1", risk_profile_id="r1", team_id=None, page_size=1)
+        self.assertEqual([row.name for row in rows], ["a0", "a1", "a2"])
+        self.assertEqual(
+            [r["query"].get("pagination[offset]") for r in self.api.requests if r["method"] == "GET"], [None, "1", "2"]
+        )
+        self.assertEqual(
+            self.last()["query"],
+            {"owner_person_id": "p1", "risk_profile_id": "r1", "pagination[offset]": "2", "pagination[page_size]": "1"},
+        )
+        list(self.client.agents.iter_agents(team_id="t9", sorting="name"))
+        self.assertEqual(self.last()["query"], {"team_id": "t9", "sorting": "name"})
+        self.api.fail_next(503, times=4)
+        with self.assertRaisesRegex(ph.PrefactorRetryExhaustedError, "^agents.list_agents failed after 4 attempts"):
+            self.client.agents.list_agents()
 
     def test_every_status_and_purpose_reaches_the_server(self):
         for purpose in ("live", "smoke_test", "eval"):
