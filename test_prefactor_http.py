@@ -805,6 +805,13 @@ class ResponseModelTests(FaultTestCase):
         self.assertEqual(reply_with(self, {}, lambda c: c.agents.list_agents()), [])
         bulk = reply_with(self, {}, lambda c: c.bulk.execute([{"_type": "agents/list", "idempotency_key": "list-key"}]))
         self.assertEqual((bulk.status, bulk.outputs, bulk.extra), ("success", {}, {}))
+        bulk = reply_with(
+            self, {"outputs": {"list-key": {}}}, lambda c: c.bulk.execute([BulkItem("agents/list", "list-key")])
+        )
+        out = bulk.outputs["list-key"]
+        self.assertEqual(
+            (out.status, out.details, out.summaries, out.code, out.extra), ("success", None, None, None, {})
+        )
 
     def test_unknown_keys_stay_out_of_reprs(self):
         ids = {"id": "x1"}
@@ -907,6 +914,12 @@ class ResponseModelTests(FaultTestCase):
         for body, call in cases:
             with self.subTest(body), self.assertRaises(ph.PrefactorResponseContractError):
                 reply_with(self, body, call)
+        with self.assertRaisesRegex(
+            ph.PrefactorResponseContractError, "^agents.list_agents: 'summaries' is not a list"
+        ):
+            reply_with(self, {"summaries": "a1"}, lambda c: c.agents.list_agents())
+        with self.assertRaisesRegex(ph.PrefactorResponseContractError, "^bulk.execute: 'outputs' is not an object"):
+            reply_with(self, {"outputs": []}, lambda c: c.bulk.execute([BulkItem("agents/list", "list-key")]))
 
     def test_an_error_body_that_is_not_json_is_quoted_up_to_200_characters(self):
         def call(client):
@@ -933,6 +946,19 @@ class ResponseModelTests(FaultTestCase):
         for bad in ("2026-13-09T01:02:03Z", "2026-02-09T01:02:03.xZ", None):
             with self.subTest(bad), self.assertRaises(ph.PrefactorResponseContractError):
                 ph._parse_datetime(bad, "t")
+
+
+class ResponseLimitTests(FaultTestCase):
+    def test_32_mib_is_read_and_one_byte_more_refused_unread(self):
+        limit = 32 * 1024 * 1024
+        server = self.serve([("reply", http_response(200, b" " * (limit - 2) + b"{}"))])
+        client, _ = self.client(server.url, max_retries=0)
+        self.assertEqual(client.validate_token(), {})
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n{" % (limit + 1)
+        server = self.serve([("reply", head)])
+        client, _ = self.client(server.url, max_retries=0)
+        with self.assertRaises(ph.PrefactorResponseContractError):
+            client.validate_token()
 
 
 class BulkModelTests(unittest.TestCase):
@@ -1202,6 +1228,7 @@ class RetryPolicyTests(ApiTestCase):
             "0": 0.0,
             "Mon, 12 Jan 1970 13:47:40 -0000": 60.0,
             "Mon, 12 Jan 1970 13:47:40": 60.0,
+            "Mon, 12 Jan 1970 14:47:40 +0100": 60.0,
             "Mon, 32 Foo 1970 13:47:40 GMT": None,
             "Mon, 12": None,
         }
