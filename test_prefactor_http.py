@@ -1131,7 +1131,7 @@ class RequestArgumentTests(ApiTestCase):
         list(self.client.agents.iter_agents(team_id="t9", sorting="name"))
         self.assertEqual(self.last()["query"], {"team_id": "t9", "sorting": "name"})
         self.api.fail_next(503, times=4)
-        with self.assertRaisesRegex(ph.PrefactorRetryExhaustedError, "^agents.list_agents failed after 4 attempts"):
+        with self.assertRaisesRegex(ph.PrefactorRetryExhaustedError, "agents.list_agents"):
             self.client.agents.list_agents()
 
     def test_every_status_and_purpose_reaches_the_server(self):
