@@ -1315,6 +1315,14 @@ class LocalApiServerTests(ApiTestCase):
             stored["span_counts"], {"total": 0, "active": 0, "complete": 0, "failed": 0, "cancelled": 0, "finished": 0}
         )
         self.assertEqual(stored["inserted_at"], stored["updated_at"])
+        self.assertEqual(
+            (stored["finished_at"], stored["external_identifier"], stored["quality_summaries"]), (None, None, {})
+        )
+        self.assertIsNotNone(inst.agent_version_id)
+        answer = self.client.request(
+            "POST", "/api/v1/agent_instance/register", json_data={"agent_version": {}, "external_identifier": "x1"}
+        )
+        self.assertEqual((answer["status"], answer["details"]["external_identifier"]), ("success", "x1"))
         self.client.agent_instances.start(inst.id)
         span = self.client.agent_spans.create(inst.id, "s", "active")
         self.assertEqual((self.api.spans[span.id]["payload"], span.payload, span.result_payload), ({}, {}, None))
@@ -1333,6 +1341,23 @@ class LocalApiServerTests(ApiTestCase):
                 self.assertEqual(client.validate_token(), {"status": "success"})
         with self.assertRaises(ph.PrefactorClientError):
             api.url  # noqa: B018
+
+    def test_error_answers_carry_their_codes(self):
+        raw = b"POST /api/v1/bulk HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\n{x}"
+        answer = self.exchange(raw.replace(b"Host: x", f"Host: x\r\nAuthorization: Bearer {TOKEN}".encode()))
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400"), answer)
+        self.assertEqual(json.loads(answer.partition(b"\r\n\r\n")[2])["code"], "invalid_json")
+        client = PrefactorHttpClient(self.api.config(api_token="wrong-token"))
+        self.addCleanup(client.close)
+        with self.assertRaises(ph.PrefactorAuthError) as caught:
+            client.validate_token()
+        self.assertEqual(
+            (caught.exception.code, caught.exception.message), ("unauthorized", "missing or invalid API token")
+        )
+        self.api.fail_next(418)
+        with self.assertRaises(ph.PrefactorApiError) as caught:
+            self.client.validate_token()
+        self.assertEqual((caught.exception.status_code, caught.exception.code), (418, "injected"))
 
     def test_bulk_runs_every_item_type(self):
         inst = self.register()
