@@ -752,7 +752,6 @@ class ErrorClassificationTests(unittest.TestCase):
             (api("m", "c", 428), False, True),
             (api("m", "c", 430), False, True),
             (api("m", "c", 499), False, True),
-            (api("m", "c", 302), False, False),
             (exhausted("x", ph.PrefactorNotFoundError("m", "c", 404)), False, True),
             (exhausted("x", ph.PrefactorConnectionError("tls", transient=False)), False, True),
             (exhausted("x", ph.PrefactorTimeoutError("slow")), True, False),
