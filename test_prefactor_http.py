@@ -827,6 +827,8 @@ class ResponseModelTests(FaultTestCase):
         ]:
             with self.subTest(cls.__name__):
                 self.assertNotIn("zz_unknown", repr(cls(**required, extra={"zz_unknown": 1})))
+        self.assertEqual(ph.AgentInstanceSpanCounts(), ph.AgentInstanceSpanCounts(0, 0, 0, 0, 0, 0))
+        self.assertEqual((ph.ListResponse().status, ph.ListResponse().summaries), ("success", []))
 
     def test_a_malformed_answer_names_the_operation(self):
         inst, spans, agents = "i1", "s1", "a1"
@@ -975,7 +977,7 @@ class BulkModelTests(unittest.TestCase):
         ]:
             with self.subTest(kwargs), self.assertRaisesRegex(ValueError, text):
                 BulkItem(**kwargs)
-        with self.assertRaises(ValueError) as caught:
+        with self.assertRaisesRegex(ValueError, "^invalid BulkItem: ") as caught:
             BulkItem(idempotency_key="short")
         self.assertIn("_type is required", str(caught.exception))
         self.assertIn("8-64", str(caught.exception))
@@ -1054,6 +1056,12 @@ class RequestArgumentTests(ApiTestCase):
             (TypeError, "details must be a dict", lambda: agents.update("a1", 5)),
             (ValueError, "exactly one", lambda: agents.show(agent_id="a1", external_identifier="e")),
             (TypeError, "agent_instance_id must be a string", lambda: instances.get(5)),
+            (TypeError, "agent_instance_id must be a string", lambda: spans.create(5, "s", "active")),
+            (
+                ValueError,
+                "^timestamp must be timezone-aware",
+                lambda: spans.finish("s1", timestamp=datetime(2026, 1, 1)),
+            ),
             (TypeError, "agent_id must be a string", lambda: agents.get(None)),
             (ValueError, "non-empty id", lambda: agents.get("  ")),
             (TypeError, "timestamp must be a datetime", lambda: instances.start("i1", timestamp="2026-01-01")),
@@ -1072,7 +1080,7 @@ class RequestArgumentTests(ApiTestCase):
             (ValueError, "'agent_version' is not valid JSON", lambda: instances.register({"x": math.inf})),
             (
                 ValueError,
-                "'items' is not valid JSON",
+                "^bulk.execute: 'items' is not valid JSON",
                 lambda: self.client.bulk.execute([BulkItem("t", "key-0001", x=math.nan)]),
             ),
             (ValueError, "page_size", lambda: agents.list_agents(page_size=0)),
