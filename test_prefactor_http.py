@@ -979,8 +979,9 @@ class BulkModelTests(unittest.TestCase):
                 BulkItem(**kwargs)
         with self.assertRaisesRegex(ValueError, "^invalid BulkItem: ") as caught:
             BulkItem(idempotency_key="short")
-        self.assertIn("_type is required", str(caught.exception))
-        self.assertIn("8-64", str(caught.exception))
+        self.assertIn(
+            "_type is required (e.g. 'agent_spans/create'); idempotency_key must be 8-64", str(caught.exception)
+        )
 
     def test_item_attributes_equality_and_repr(self):
         item = BulkItem(type="agent_spans/create", idempotency_key="span-key-1", status="active")
@@ -1061,6 +1062,11 @@ class RequestArgumentTests(ApiTestCase):
                 ValueError,
                 "^timestamp must be timezone-aware",
                 lambda: spans.finish("s1", timestamp=datetime(2026, 1, 1)),
+            ),
+            (
+                ValueError,
+                "^finished_at must be",
+                lambda: spans.create("i1", "s", "active", finished_at=datetime(2026, 1, 1)),
             ),
             (TypeError, "agent_id must be a string", lambda: agents.get(None)),
             (ValueError, "non-empty id", lambda: agents.get("  ")),
