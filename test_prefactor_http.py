@@ -730,6 +730,726 @@ class BadInputTests(ApiTestCase):
 
 
 # ---------------------------------------------------------------------------- #
+# Mutation-guided tests (issue 12): the less-used doors of each section
+# ---------------------------------------------------------------------------- #
+
+
+class PublicSurfaceTests(unittest.TestCase):
+    def test_all_names_exactly_the_public_api_and_each_resolves(self):
+        expected = {
+            *("HttpClientConfig", "PrefactorHttpClient", "AsyncPrefactorHttpClient", "LocalApiServer"),
+            *("AgentInstance", "AgentInstanceSpanCounts", "AgentSpan", "Agent", "AgentSummary", "ListResponse"),
+            *("Pagination", "BulkItem", "BulkRequest", "BulkOutput", "BulkResponse"),
+            *("AgentVersionForRegister", "AgentSchemaVersionForRegister", "SpanTypeSchemaForCreate"),
+            *("AgentStatus", "FinishStatus", "InstancePurpose"),
+            *("PrefactorHttpError", "PrefactorApiError", "PrefactorAuthError", "PrefactorNotFoundError"),
+            *("PrefactorConflictError", "PrefactorValidationError", "PrefactorConnectionError"),
+            *("PrefactorTimeoutError", "PrefactorResponseContractError", "PrefactorRetryExhaustedError"),
+            *("PrefactorClientError", "is_transient_http_error", "is_permanent_http_error"),
+        }
+        self.assertEqual(set(ph.__all__), expected)
+        self.assertEqual(len(ph.__all__), len(expected))
+        for name in ph.__all__:
+            self.assertIsNotNone(getattr(ph, name), name)
+        self.assertRegex(ph.__version__, r"^\d+\.\d+\.\d+$")
+
+    def test_literal_aliases_list_every_value(self):
+        import typing
+
+        self.assertEqual(
+            typing.get_args(ph.AgentStatus), ("pending", "active", "complete", "failed", "cancelled", "terminated")
+        )
+        self.assertEqual(typing.get_args(ph.FinishStatus), ("complete", "failed", "cancelled"))
+        self.assertEqual(typing.get_args(ph.InstancePurpose), ("live", "smoke_test", "eval"))
+        with self.assertRaises(AttributeError):
+            ph.NoSuchName  # noqa: B018
+
+    def test_import_loads_neither_ssl_nor_logging(self):
+        code = "import sys, prefactor_http; print([m for m in ('ssl', 'logging') if m in sys.modules])"
+        out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True)
+        self.assertEqual((out.stdout.strip(), out.stderr), ("[]", ""))
+
+
+class ErrorClassificationTests(unittest.TestCase):
+    def test_classification_table(self):
+        api = ph.PrefactorApiError
+        exhausted = ph.PrefactorRetryExhaustedError
+        cases = [
+            (api("m", "c", 500), True, False),
+            (api("m", "c", 501), True, False),
+            (api("m", "c", 599), True, False),
+            (api("m", "c", 400), False, True),
+            (api("m", "c", 428), False, True),
+            (api("m", "c", 430), False, True),
+            (api("m", "c", 499), False, True),
+            (exhausted("x", ph.PrefactorNotFoundError("m", "c", 404)), False, True),
+            (exhausted("x", ph.PrefactorConnectionError("tls", transient=False)), False, True),
+            (exhausted("x", ph.PrefactorTimeoutError("slow")), True, False),
+            (exhausted("x"), False, False),
+            (ph.PrefactorResponseContractError("x"), False, True),
+            (ph.PrefactorResponseContractError("x", status_code=500), True, False),
+            (ph.PrefactorHttpError("x"), False, False),
+            (ConnectionResetError("reset"), True, False),
+            (ph.PrefactorClientError("closed"), False, True),
+        ]
+        for error, transient, permanent in cases:
+            with self.subTest(repr(error)):
+                self.assertIs(ph.is_transient_http_error(error), transient)
+                self.assertIs(ph.is_permanent_http_error(error), permanent)
+
+    def test_attributes_and_text(self):
+        err = ph.PrefactorApiError("m", "c", 418)
+        self.assertEqual(str(err), "m (HTTP 418, code 'c')")
+        self.assertEqual((err.errors, err.retry_after, err.body_snippet), ({}, None, None))
+        err = ph.PrefactorValidationError("bad", "v", 422, errors=[], retry_after=2.0, body_snippet="s")
+        self.assertEqual((err.errors, err.retry_after, err.body_snippet), ([], 2.0, "s"))
+        self.assertIs(ph.PrefactorConnectionError("x").transient, True)
+        self.assertIs(ph.PrefactorRetryExhaustedError("x").last_error, None)
+        cause = ValueError("c")
+        contract = ph.PrefactorResponseContractError("x", cause=cause)
+        self.assertEqual((contract.cause, contract.status_code, contract.body_snippet), (cause, None, None))
+
+
+def reply_with(test: FaultTestCase, body, call, status=200, headers=None):
+    """What ``call(client)`` returns (or raises) when the server answers ``body``."""
+    server = test.serve([("reply", http_response(status, body, headers))])
+    client, _ = test.client(server.url, max_retries=0)
+    return call(client)
+
+
+class ResponseModelTests(FaultTestCase):
+    def test_a_minimal_answer_gets_every_default(self):
+        inst = reply_with(self, {"details": {"id": "i1"}}, lambda c: c.agent_instances.get("i1"))
+        self.assertEqual(
+            (inst.type, inst.status, inst.span_counts, inst.purpose, inst.extra),
+            ("agent_instance", None, None, None, {}),
+        )
+        span = reply_with(self, {"details": {"id": "s1"}}, lambda c: c.agent_spans.finish("s1"))
+        self.assertEqual((span.type, span.payload, span.result_payload, span.extra), ("agent_span", {}, None, {}))
+        agent = reply_with(self, {"details": {"id": "a1", "risk_profile_id": "r"}}, lambda c: c.agents.get("a1"))
+        self.assertEqual(
+            (type(agent), agent.type, agent.name, agent.risk_profile_id, agent.instance_counts),
+            (ph.Agent, "agent", None, "r", None),
+        )
+        self.assertEqual(reply_with(self, {}, lambda c: c.agents.list_agents()), [])
+        bulk = reply_with(self, {}, lambda c: c.bulk.execute([{"_type": "agents/list", "idempotency_key": "list-key"}]))
+        self.assertEqual((bulk.status, bulk.outputs, bulk.extra), ("success", {}, {}))
+        bulk = reply_with(
+            self, {"outputs": {"list-key": {}}}, lambda c: c.bulk.execute([BulkItem("agents/list", "list-key")])
+        )
+        out = bulk.outputs["list-key"]
+        self.assertEqual(
+            (out.status, out.details, out.summaries, out.code, out.extra), ("success", None, None, None, {})
+        )
+
+    def test_unknown_keys_stay_out_of_reprs(self):
+        ids = {"id": "x1"}
+        for cls, required in [
+            (ph.AgentInstance, ids),
+            (ph.AgentInstanceSpanCounts, {}),
+            (ph.AgentSpan, ids),
+            (ph.AgentSummary, ids),
+            (ph.Agent, ids),
+            (ph.Pagination, {}),
+            (ph.ListResponse, {}),
+            (ph.BulkOutput, {}),
+            (ph.BulkResponse, {}),
+        ]:
+            with self.subTest(cls.__name__):
+                self.assertNotIn("zz_unknown", repr(cls(**required, extra={"zz_unknown": 1})))
+        self.assertEqual(ph.AgentInstanceSpanCounts(), ph.AgentInstanceSpanCounts(0, 0, 0, 0, 0, 0))
+        self.assertEqual((ph.ListResponse().status, ph.ListResponse().summaries), ("success", []))
+
+    def test_a_malformed_answer_names_the_operation(self):
+        inst, spans, agents = "i1", "s1", "a1"
+        calls = {
+            "agent_instances.register": lambda c: c.agent_instances.register({"name": "v"}),
+            "agent_instances.start": lambda c: c.agent_instances.start(inst),
+            "agent_instances.finish": lambda c: c.agent_instances.finish(inst),
+            "agent_instances.get": lambda c: c.agent_instances.get(inst),
+            "agent_instances.record_quality": lambda c: c.agent_instances.record_quality(inst, "q", {}),
+            "agent_spans.create": lambda c: c.agent_spans.create(inst, "s", "active"),
+            "agent_spans.finish": lambda c: c.agent_spans.finish(spans),
+            "agents.create": lambda c: c.agents.create({"name": "n"}),
+            "agents.get": lambda c: c.agents.get(agents),
+            "agents.update": lambda c: c.agents.update(agents, {"name": "m"}),
+            "agents.show": lambda c: c.agents.show(agent_id=agents),
+            "agents.retire": lambda c: c.agents.retire(agents),
+            "agents.reinstate": lambda c: c.agents.reinstate(agents),
+            "agents.delete": lambda c: c.agents.delete(agents),
+        }
+        for operation, call in calls.items():
+            with self.subTest(operation), self.assertRaises(ph.PrefactorResponseContractError) as caught:
+                reply_with(self, {"status": "success"}, call)
+            self.assertTrue(str(caught.exception).startswith(operation + ": "), str(caught.exception))
+        with self.assertRaisesRegex(ph.PrefactorResponseContractError, r"^agents\.list_agents response\.pagination "):
+            reply_with(self, {"summaries": [], "pagination": 5}, lambda c: c.agents.list_agents())
+
+    def test_known_keys_are_converted_and_unknown_kept(self):
+        details = {
+            "id": "i1",
+            "span_counts": {"total": 3, "complete": 2, "queued": 1},
+            "inserted_at": "2026-02-09T01:02:03z",
+            "updated_at": "2026-02-09T06:32:03.25+05:30",
+            "started_at": None,
+            "later_field": {"x": 1},
+        }
+        inst = reply_with(self, {"details": details}, lambda c: c.agent_instances.get("i1"))
+        counts = inst.span_counts
+        self.assertEqual((counts.total, counts.complete, counts.active, counts.finished), (3, 2, 0, 0))
+        self.assertEqual(counts.extra, {"queued": 1})
+        self.assertEqual(inst.inserted_at, datetime(2026, 2, 9, 1, 2, 3, tzinfo=UTC))
+        self.assertEqual(inst.updated_at, datetime(2026, 2, 9, 1, 2, 3, 250000, tzinfo=UTC))
+        self.assertIsNone(inst.started_at)
+        self.assertEqual(inst.extra, {"later_field": {"x": 1}})
+        page = {
+            "summaries": [{"id": "a1", "name": "n", "inserted_at": "2026-02-09T01:02:03Z", "new": 1}],
+            "pagination": {"item_count": 1, "next_page_offset": None, "cursor": "c"},
+        }
+        rows = reply_with(self, page, lambda c: list(c.agents.iter_agents()))
+        self.assertEqual([(r.id, r.name, r.inserted_at.year, r.extra) for r in rows], [("a1", "n", 2026, {"new": 1})])
+        outputs = {"key-0001": {"status": "error", "code": "c", "message": "m", "hint": "h"}}
+        bulk = reply_with(
+            self, {"outputs": outputs}, lambda c: c.bulk.execute([{"_type": "t", "idempotency_key": "key-0001"}])
+        )
+        out = bulk.outputs["key-0001"]
+        self.assertEqual(
+            (type(out), out.status, out.code, out.message, out.details, out.extra),
+            (ph.BulkOutput, "error", "c", "m", None, {"hint": "h"}),
+        )
+
+    def test_answers_of_the_wrong_shape_are_contract_errors(self):
+        cases = [
+            (b"5", lambda c: c.agent_instances.get("i1")),
+            (b'"text"', lambda c: c.validate_token()),
+            (b"null", lambda c: c.agents.get("a1")),
+            (b"[{}]", lambda c: c.agents.list_agents()),
+            (b'{"details": {"id": "i1", "inserted_at": "noon"}}', lambda c: c.agent_instances.get("i1")),
+            (b'{"details": {"id": "i1", "span_counts": [1]}}', lambda c: c.agent_instances.get("i1")),
+            (b'{"summaries": {"id": "a1"}}', lambda c: c.agents.list_agents()),
+            (b'{"summaries": [{"name": "no id"}]}', lambda c: c.agents.list_agents()),
+            (
+                b'{"summaries": [{"id": "a1"}], "pagination": {"next_page_offset": 0}}',
+                lambda c: list(c.agents.iter_agents()),
+            ),
+            (
+                b'{"summaries": [{"id": "a1"}], "pagination": {"next_page_offset": "2"}}',
+                lambda c: list(c.agents.iter_agents()),
+            ),
+            (b'{"outputs": [1]}', lambda c: c.bulk.execute([{"_type": "t", "idempotency_key": "key-0001"}])),
+            (
+                b'{"outputs": {"key-0001": 1}}',
+                lambda c: c.bulk.execute([{"_type": "t", "idempotency_key": "key-0001"}]),
+            ),
+        ]
+        for body, call in cases:
+            with self.subTest(body), self.assertRaises(ph.PrefactorResponseContractError):
+                reply_with(self, body, call)
+        with self.assertRaisesRegex(
+            ph.PrefactorResponseContractError, "^agents.list_agents: 'summaries' is not a list"
+        ):
+            reply_with(self, {"summaries": "a1"}, lambda c: c.agents.list_agents())
+        with self.assertRaisesRegex(ph.PrefactorResponseContractError, "^bulk.execute: 'outputs' is not an object"):
+            reply_with(self, {"outputs": []}, lambda c: c.bulk.execute([BulkItem("agents/list", "list-key")]))
+
+    def test_an_error_body_that_is_not_json_is_quoted_up_to_200_characters(self):
+        def call(client):
+            with self.assertRaises(ph.PrefactorApiError) as caught:
+                client.validate_token()
+            return caught.exception
+
+        err = reply_with(self, b"x" * 300, call, status=418, headers={"Content-Type": "text/plain"})
+        self.assertEqual(err.body_snippet, "x" * 200 + "...")
+        err = reply_with(self, b"y" * 200, call, status=418, headers={"Content-Type": "text/plain"})
+        self.assertEqual(err.body_snippet, "y" * 200)
+
+    def test_timestamps_with_lowercase_z_offsets_and_no_fraction(self):
+        for text, wanted in {
+            "2026-02-09T01:02:03z": datetime(2026, 2, 9, 1, 2, 3, tzinfo=UTC),
+            "2026-02-09T01:02:03.000001Z": datetime(2026, 2, 9, 1, 2, 3, 1, tzinfo=UTC),
+            "2026-02-09T01:02:03.1-01:00": datetime(2026, 2, 9, 2, 2, 3, 100000, tzinfo=UTC),
+            "2026-02-09T01:02:03.987654321": datetime(2026, 2, 9, 1, 2, 3, 987654, tzinfo=UTC),
+        }.items():
+            with self.subTest(text):
+                got = ph._parse_datetime(text, "t")
+                self.assertEqual(got, wanted)
+                self.assertIsNotNone(got.tzinfo)
+        for bad in ("2026-13-09T01:02:03Z", "2026-02-09T01:02:03.xZ", None):
+            with self.subTest(bad), self.assertRaises(ph.PrefactorResponseContractError):
+                ph._parse_datetime(bad, "t")
+
+
+class ResponseLimitTests(FaultTestCase):
+    def test_32_mib_is_read_and_one_byte_more_refused_unread(self):
+        limit = 32 * 1024 * 1024
+        server = self.serve([("reply", http_response(200, b" " * (limit - 2) + b"{}"))])
+        client, _ = self.client(server.url, max_retries=0)
+        self.assertEqual(client.validate_token(), {})
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n{" % (limit + 1)
+        server = self.serve([("reply", head)])
+        client, _ = self.client(server.url, max_retries=0)
+        with self.assertRaises(ph.PrefactorResponseContractError):
+            client.validate_token()
+
+
+class BulkModelTests(unittest.TestCase):
+    def test_key_length_edges_and_missing_parts(self):
+        for key in ("k" * 8, "k" * 64):
+            self.assertEqual(BulkItem(_type="agents/list", idempotency_key=key).idempotency_key, key)
+            self.assertEqual(len(BulkRequest([{"_type": "agents/list", "idempotency_key": key}]).items), 1)
+        for kwargs, text in [
+            ({"_type": "agents/list", "idempotency_key": "k" * 7}, "8-64 characters, got 7"),
+            ({"_type": "agents/list", "idempotency_key": "k" * 65}, "8-64 characters, got 65"),
+            ({"_type": "agents/list"}, "idempotency_key is required"),
+            ({"_type": "agents/list", "idempotency_key": 12345678}, "idempotency_key is required"),
+            ({"_type": "", "idempotency_key": "k" * 8}, "_type is required"),
+            ({"idempotency_key": "k" * 8}, "_type is required"),
+        ]:
+            with self.subTest(kwargs), self.assertRaisesRegex(ValueError, text):
+                BulkItem(**kwargs)
+        with self.assertRaisesRegex(ValueError, "^invalid BulkItem: ") as caught:
+            BulkItem(idempotency_key="short")
+        self.assertIn(
+            "_type is required (e.g. 'agent_spans/create'); idempotency_key must be 8-64", str(caught.exception)
+        )
+
+    def test_item_attributes_equality_and_repr(self):
+        item = BulkItem(type="agent_spans/create", idempotency_key="span-key-1", status="active")
+        self.assertEqual((item.type, item.status, item.params), ("agent_spans/create", "active", {"status": "active"}))
+        self.assertFalse(hasattr(item, "payload"))
+        with self.assertRaises(AttributeError):
+            item.payload  # noqa: B018
+        same = BulkItem("agent_spans/create", "span-key-1", status="active")
+        self.assertEqual(item, same)
+        self.assertNotEqual(item, BulkItem("agent_spans/create", "span-key-1", status="failed"))
+        self.assertNotEqual(item, BulkItem("agent_spans/create", "span-key-2", status="active"))
+        self.assertNotEqual(item, item.to_dict())
+        self.assertEqual(repr(item), "BulkItem(_type='agent_spans/create', idempotency_key='span-key-1', ...)")
+
+    def test_request_takes_any_iterable_but_not_a_string(self):
+        for bad in ("agents/list", b"x", 5, None):
+            with self.subTest(bad), self.assertRaises(TypeError):
+                BulkRequest(bad)
+        request = BulkRequest(
+            item
+            for item in [{"type": "agents/list", "idempotency_key": "list-key-1", "x": 1}, BulkItem("t", "other-key")]
+        )
+        self.assertEqual(
+            request.to_dict(),
+            {
+                "items": [
+                    {"_type": "agents/list", "idempotency_key": "list-key-1", "x": 1},
+                    {"_type": "t", "idempotency_key": "other-key"},
+                ]
+            },
+        )
+        self.assertEqual(repr(request), "BulkRequest(items=[2 items])")
+        with self.assertRaises(ValueError) as caught:
+            BulkRequest(
+                [
+                    BulkItem("t", "same-key-1"),
+                    BulkItem("t", "same-key-1"),
+                    {"_type": "t", "idempotency_key": "same-key-1"},
+                ]
+            )
+        self.assertIn("item 1: idempotency_key 'same-key-1' repeats item 0", str(caught.exception))
+        self.assertIn("item 2: idempotency_key 'same-key-1' repeats item 0", str(caught.exception))
+        with self.assertRaises(ValueError) as caught:
+            BulkRequest([7])
+        self.assertNotIn("at least one", str(caught.exception))
+
+    def test_request_models_send_only_the_fields_given(self):
+        self.assertEqual(ph.AgentVersionForRegister(name="n").to_dict(), {"name": "n"})
+        self.assertEqual(ph.SpanTypeSchemaForCreate("s", {}).to_dict(), {"name": "s", "params_schema": {}})
+
+
+class RequestArgumentTests(ApiTestCase):
+    def test_bad_arguments_are_refused_before_sending(self):
+        from datetime import tzinfo
+
+        class NoOffset(tzinfo):  # aware in form, but it does not know its offset
+            def utcoffset(self, dt):
+                return None
+
+        instances, spans, agents = self.client.agent_instances, self.client.agent_spans, self.client.agents
+        cases = [
+            (ValueError, "agent_version is required", lambda: instances.register(None)),
+            (TypeError, "agent_version must be a dict", lambda: instances.register([1])),
+            (TypeError, "agent_schema_version must be a dict", lambda: instances.register({}, "schema")),
+            (ValueError, "name must be a non-empty", lambda: instances.record_quality("i1", "", {})),
+            (TypeError, "payload must be a dict", lambda: instances.record_quality("i1", "q", [1])),
+            (ValueError, "schema_name", lambda: spans.create("i1", "", "active")),
+            (ValueError, "status must be one of", lambda: spans.finish("s1", status="running")),
+            (TypeError, "result_payload must be a dict", lambda: spans.finish("s1", result_payload=[1])),
+            (TypeError, "result_payload must be a dict", lambda: spans.create("i1", "s", "active", result_payload=5)),
+            (ValueError, r"details\['name'\]", lambda: agents.create({"description": "no name"})),
+            (TypeError, "details must be a dict", lambda: agents.create("name")),
+            (TypeError, "details must be a dict", lambda: agents.update("a1", 5)),
+            (ValueError, "exactly one", lambda: agents.show(agent_id="a1", external_identifier="e")),
+            (TypeError, "agent_instance_id must be a string", lambda: instances.get(5)),
+            (TypeError, "agent_instance_id must be a string", lambda: spans.create(5, "s", "active")),
+            (
+                ValueError,
+                "^timestamp must be timezone-aware",
+                lambda: spans.finish("s1", timestamp=datetime(2026, 1, 1)),
+            ),
+            (
+                ValueError,
+                "^finished_at must be",
+                lambda: spans.create("i1", "s", "active", finished_at=datetime(2026, 1, 1)),
+            ),
+            (TypeError, "agent_id must be a string", lambda: agents.get(None)),
+            (ValueError, "non-empty id", lambda: agents.get("  ")),
+            (TypeError, "timestamp must be a datetime", lambda: instances.start("i1", timestamp="2026-01-01")),
+            (
+                ValueError,
+                "timezone-aware",
+                lambda: instances.finish("i1", timestamp=datetime(2026, 1, 1, tzinfo=NoOffset())),
+            ),
+            (
+                ValueError,
+                "started_at must be timezone-aware",
+                lambda: spans.create("i1", "s", "active", started_at=datetime(2026, 1, 1)),
+            ),
+            (ValueError, "idempotency_key must be a non-empty", lambda: instances.start("i1", idempotency_key="")),
+            (ValueError, "idempotency_key must be a non-empty", lambda: agents.retire("a1", idempotency_key=5)),
+            (ValueError, "'agent_version' is not valid JSON", lambda: instances.register({"x": math.inf})),
+            (
+                ValueError,
+                "^bulk.execute: 'items' is not valid JSON",
+                lambda: self.client.bulk.execute([BulkItem("t", "key-0001", x=math.nan)]),
+            ),
+            (ValueError, "page_size", lambda: agents.list_agents(page_size=0)),
+            (ValueError, "page_size", lambda: agents.list_agents(page_size=101)),
+            (ValueError, "page_size", lambda: agents.list_agents(page_size="5")),
+            (ValueError, "offset", lambda: agents.list_agents(offset=-1)),
+            (ValueError, "offset", lambda: agents.list_agents(offset="1")),
+            (ValueError, "page_size", lambda: next(agents.iter_agents(page_size=101))),
+            (TypeError, "items must be a list", lambda: self.client.bulk.execute("agents/list")),
+            (
+                ValueError,
+                "the request body is not valid JSON",
+                lambda: self.client.request("POST", "/x", json_data={(1,): 2}),
+            ),
+        ]
+        for cls, text, call in cases:
+            with self.subTest(text), self.assertRaisesRegex(cls, text):
+                call()
+        self.assertEqual(self.api.requests, [])
+
+    def test_edge_values_that_are_accepted_go_out_as_given(self):
+        agents = self.client.agents
+        for size in (1, 100):
+            agents.list_agents(page_size=size, offset=0)
+            self.assertEqual(self.last()["query"], {"pagination[offset]": "0", "pagination[page_size]": str(size)})
+        key = "k" * 64
+        self.register(idempotency_key=key, update_current_version=0)
+        self.assertEqual(
+            (self.last()["body"]["idempotency_key"], self.last()["body"]["update_current_version"]), (key, False)
+        )
+        for raw, sent in (("café", "caf%C3%A9"), ("a b", "a%20b"), ("inst_1-A", "inst_1-A")):
+            with self.assertRaises(ph.PrefactorNotFoundError):
+                self.client.agent_instances.get(raw)
+            self.assertEqual(self.last()["path"], "/api/v1/agent_instance/" + sent)
+        inst = self.register()
+        plus_two = timezone(timedelta(hours=2))
+        self.client.agent_instances.start(inst.id, timestamp=datetime(2026, 1, 1, 2, 0, 0, 5, tzinfo=plus_two))
+        self.assertEqual(self.last()["body"]["timestamp"], "2026-01-01T00:00:00.000005Z")
+        self.client.request("GET", "/api/v1/ping", params={"f": False, "t": True, "n": 0, "s": "x"})
+        self.assertEqual(self.last()["query"], {"f": "false", "t": "true", "n": "0", "s": "x"})
+
+    def test_iteration_sends_every_filter_and_walks_one_item_pages(self):
+        for name in ("a0", "a1", "a2"):
+            self.client.agents.create({"name": name, "owner_person_id": "p1", "risk_profile_id": "r1"})
+        self.client.agents.create({"name": "other", "owner_person_id": "p2", "risk_profile_id": "r1"})
+        rows = self.client.agents.iter_agents(owner_person_id="p1", risk_profile_id="r1", team_id=None, page_size=1)
+        self.assertEqual([row.name for row in rows], ["a0", "a1", "a2"])
+        self.assertEqual(
+            [r["query"].get("pagination[offset]") for r in self.api.requests if r["method"] == "GET"], [None, "1", "2"]
+        )
+        self.assertEqual(
+            self.last()["query"],
+            {"owner_person_id": "p1", "risk_profile_id": "r1", "pagination[offset]": "2", "pagination[page_size]": "1"},
+        )
+        list(self.client.agents.iter_agents(team_id="t9", sorting="name"))
+        self.assertEqual(self.last()["query"], {"team_id": "t9", "sorting": "name"})
+        self.api.fail_next(503, times=4)
+        with self.assertRaisesRegex(ph.PrefactorRetryExhaustedError, "agents.list_agents"):
+            self.client.agents.list_agents()
+
+    def test_every_status_and_purpose_reaches_the_server(self):
+        for purpose in ("live", "smoke_test", "eval"):
+            inst = self.register(purpose=purpose)
+            self.assertEqual((self.last()["body"]["purpose"], inst.purpose), (purpose, purpose))
+        for status in ("pending", "active", "complete", "failed", "cancelled", "terminated"):
+            span = self.client.agent_spans.create(inst.id, "s", status)
+            self.assertEqual((self.last()["body"]["details"]["status"], span.status), (status, status))
+        for status in ("complete", "failed", "cancelled"):
+            inst = self.active_instance()
+            span = self.client.agent_spans.create(inst.id, "s", "active")
+            self.assertEqual(self.client.agent_spans.finish(span.id, status).status, status)
+            self.assertEqual(self.client.agent_instances.finish(inst.id, status).status, status)
+            self.assertEqual((self.last()["body"]["status"], self.api.instances[inst.id]["status"]), (status, status))
+
+    def test_request_models_and_nested_models_are_sent_as_their_fields(self):
+        agent = self.client.agents.create(ph.AgentVersionForRegister(name="from-model", description="d"))
+        self.assertEqual(self.last()["body"]["details"], {"name": "from-model", "description": "d"})
+        self.assertEqual((agent.name, agent.description), ("from-model", "d"))
+        self.client.agents.update(agent.id, ph.AgentVersionForRegister(description="e"))
+        self.assertEqual(self.api.agents[agent.id]["description"], "e")
+        schema = ph.AgentSchemaVersionForRegister(
+            external_identifier="s1", span_type_schemas=[ph.SpanTypeSchemaForCreate("agent:llm", {"type": "object"})]
+        )
+        self.register(agent_version=ph.AgentVersionForRegister(name="v"), agent_schema_version=schema)
+        body = self.last()["body"]
+        self.assertEqual(body["agent_version"], {"name": "v"})
+        self.assertEqual(
+            body["agent_schema_version"],
+            {
+                "external_identifier": "s1",
+                "span_type_schemas": [{"name": "agent:llm", "params_schema": {"type": "object"}}],
+            },
+        )
+
+    def test_quality_show_and_generated_keys(self):
+        inst = self.register()
+        self.client.agent_instances.record_quality(inst.id, "q", {"score": 1})
+        self.assertEqual(self.api.instances[inst.id]["quality_payloads"], {"q": {"score": 1}})
+        cleared = self.client.agent_instances.record_quality(inst.id, "q", None)
+        self.assertEqual((self.last()["body"]["payload"], cleared.quality_payloads), (None, {}))
+        agent = self.client.agents.create({"name": "n"})
+        self.client.agents.show(agent_id=agent.id, environment_id="e1", include_risk_rollup=True)
+        self.assertEqual(
+            self.last()["query"], {"agent_id": agent.id, "environment_id": "e1", "include_risk_rollup": "true"}
+        )
+        import uuid
+
+        keys = [r["body"]["idempotency_key"] for r in self.api.requests if r["method"] == "POST"]
+        for key in keys:
+            self.assertEqual(
+                (uuid.UUID(key).version, uuid.UUID(key).variant, str(uuid.UUID(key))), (4, uuid.RFC_4122, key)
+            )
+        client, _ = make_client(self.api.url, default_idempotency_key="p" * 28)
+        self.addCleanup(client.close)
+        client.agent_instances.register({"name": "v"})
+        self.assertEqual(len(self.last()["body"]["idempotency_key"]), 64)
+
+
+class RetryPolicyTests(ApiTestCase):
+    def test_the_real_jitter_stays_within_a_quarter_and_spreads(self):
+        draws = [ph._random() for _ in range(2000)]
+        self.assertTrue(all(0 <= d < 1 for d in draws))
+        self.assertLess(min(draws), 0.05)
+        self.assertGreater(max(draws), 0.95)
+        config = self.api.config(initial_retry_delay=1, max_retry_delay=60)
+        delays = [ph._backoff(config, 2, ph._random) for _ in range(200)]
+        self.assertTrue(all(3.0 <= d <= 5.0 for d in delays), (min(delays), max(delays)))
+        self.assertLess(min(delays), 3.5)
+        self.assertGreater(max(delays), 4.5)
+        client = PrefactorHttpClient(self.api.config(initial_retry_delay=1, max_retry_delay=60))
+        self.addCleanup(client.close)
+        sleeps: list = []
+        client._sleep = sleeps.append  # only the sleep is pinned: the jitter is the real one
+        self.api.fail_next(503, times=2)
+        client.validate_token()
+        self.assertEqual(len(sleeps), 2)
+        self.assertTrue(0.75 <= sleeps[0] <= 1.25 and 1.5 <= sleeps[1] <= 2.5, sleeps)
+
+    def test_500_and_504_are_retried_by_default(self):
+        self.api.fail_next(500)
+        self.api.fail_next(504)
+        self.assertEqual(self.client.validate_token(), {"status": "success"})
+        self.assertEqual((len(self.api.requests), self.sleeps), (3, [1.0, 2.0]))
+
+    def test_parse_retry_after_edges(self):
+        future = format_datetime(datetime.now(UTC) + timedelta(seconds=100), usegmt=True)
+        cases = {
+            None: None,
+            "inf": None,
+            "1e999": None,
+            "-inf": 0.0,
+            "0": 0.0,
+            "Mon, 12 Jan 1970 13:47:40 -0000": 60.0,
+            "Mon, 12 Jan 1970 13:47:40": 60.0,
+            "Mon, 12 Jan 1970 14:47:40 +0100": 60.0,
+            "Mon, 32 Foo 1970 13:47:40 GMT": None,
+            "Mon, 12": None,
+        }
+        for text, wanted in cases.items():
+            with self.subTest(text):
+                self.assertEqual(ph._parse_retry_after(text, 1_000_000.0), wanted)
+        self.assertEqual(ph._parse_retry_after("Mon, 12 Jan 1970 13:47:40 GMT"), 0.0)
+        self.assertTrue(95 <= ph._parse_retry_after(future) <= 100)
+
+
+class LocalApiServerTests(ApiTestCase):
+    def exchange(self, request: bytes) -> bytes:
+        """Send raw bytes on a new connection; everything the server sends until it closes."""
+        port = int(self.api.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=3) as sock:
+            sock.sendall(request)
+            data = b""
+            for _ in range(1000):
+                piece = sock.recv(65536)
+                if not piece:
+                    return data
+                data += piece
+        raise AssertionError("the server kept sending")
+
+    def post(self, path: str, body) -> bytes:
+        data = json.dumps(body).encode()
+        head = f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: {len(data)}\r\n"
+        return self.exchange(head.encode() + b"Connection: close\r\n\r\n" + data)
+
+    def test_drop_before_closes_unanswered_and_unprocessed(self):
+        self.api.drop_next(when="before")
+        self.assertEqual(self.post("/api/v1/agent_instance/register", {"agent_version": {}}), b"")
+        self.assertEqual((len(self.api.requests), self.api.instances), (1, {}))
+        self.api.drop_next(when="before")
+        self.register()
+        self.assertEqual((len(self.api.requests), len(self.api.instances), self.sleeps), (3, 1, [1.0]))
+        with self.assertRaisesRegex(ValueError, "when must be"):
+            self.api.drop_next(when="later")
+
+    def test_drop_idle_answers_then_closes_the_kept_alive_connection(self):
+        self.api.drop_next(when="idle")
+        ping = f"GET /api/v1/ping HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode()
+        answer = self.exchange(ping)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200"), answer)
+        self.assertTrue(answer.endswith(b'{"status": "success"}'), answer)
+        self.api.drop_next(when="idle")
+        self.assertEqual(self.client.validate_token(), {"status": "success"})
+        self.assertEqual(self.client.validate_token(), {"status": "success"})
+        self.assertEqual(len(self.api.requests), 3)
+
+    def test_faults_apply_to_their_path_and_count_down(self):
+        self.api.fail_next(503, times=2, path="/api/v1/agent_instance/register")
+        self.assertEqual(self.client.validate_token(), {"status": "success"})
+        self.register()
+        self.assertEqual(
+            [r["path"].rsplit("/", 1)[1] for r in self.api.requests], ["ping", "register", "register", "register"]
+        )
+        self.register()
+        self.assertEqual((len(self.api.requests), self.sleeps), (5, [1.0, 2.0]))
+
+    def test_a_key_nested_in_details_is_replayed(self):
+        inst = self.register()
+        body = {
+            "details": {
+                "agent_instance_id": inst.id,
+                "schema_name": "s",
+                "status": "active",
+                "idempotency_key": "nested-key-1",
+            }
+        }
+        first, second = self.post("/api/v1/agent_spans", body), self.post("/api/v1/agent_spans", body)
+        self.assertEqual(first.partition(b"\r\n\r\n")[2], second.partition(b"\r\n\r\n")[2])
+        self.assertEqual(len(self.api.spans), 1)
+        self.assertEqual(self.api.instances[inst.id]["span_counts"]["total"], 1)
+
+    def test_what_it_stores_by_default(self):
+        inst = self.register()
+        stored = self.api.instances[inst.id]
+        self.assertEqual(
+            (stored["purpose"], stored["status"], stored["started_at"], stored["quality_payloads"]),
+            ("live", "pending", None, {}),
+        )
+        self.assertEqual(
+            stored["span_counts"], {"total": 0, "active": 0, "complete": 0, "failed": 0, "cancelled": 0, "finished": 0}
+        )
+        self.assertEqual(stored["inserted_at"], stored["updated_at"])
+        self.assertEqual(
+            (stored["finished_at"], stored["external_identifier"], stored["quality_summaries"]), (None, None, {})
+        )
+        self.assertIsNotNone(inst.agent_version_id)
+        answer = self.client.request(
+            "POST", "/api/v1/agent_instance/register", json_data={"agent_version": {}, "external_identifier": "x1"}
+        )
+        self.assertEqual((answer["status"], answer["details"]["external_identifier"]), ("success", "x1"))
+        self.client.agent_instances.start(inst.id)
+        span = self.client.agent_spans.create(inst.id, "s", "active")
+        self.assertEqual((self.api.spans[span.id]["payload"], span.payload, span.result_payload), ({}, {}, None))
+        self.assertIsNotNone(span.started_at)
+        done = self.client.agent_spans.finish(span.id)
+        self.assertEqual((done.status, self.api.instances[inst.id]["span_counts"]["finished"]), ("complete", 1))
+        agent = self.client.agents.create({"name": "n"})
+        self.assertEqual(
+            (agent.status, agent.description, agent.team_id, agent.risk_profile_id), ("active", None, None, None)
+        )
+        with LocalApiServer() as api:
+            config = api.config()
+            self.assertEqual((config.api_token, config.trust_env), ("local-token", False))
+            self.assertEqual((config.initial_retry_delay, config.max_retry_delay), (0.01, 0.5))
+            with PrefactorHttpClient(config) as client:
+                self.assertEqual(client.validate_token(), {"status": "success"})
+        with self.assertRaises(ph.PrefactorClientError):
+            api.url  # noqa: B018
+
+    def test_error_answers_carry_their_codes(self):
+        raw = b"POST /api/v1/bulk HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\n{x}"
+        answer = self.exchange(raw.replace(b"Host: x", f"Host: x\r\nAuthorization: Bearer {TOKEN}".encode()))
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400"), answer)
+        self.assertEqual(json.loads(answer.partition(b"\r\n\r\n")[2])["code"], "invalid_json")
+        client = PrefactorHttpClient(self.api.config(api_token="wrong-token"))
+        self.addCleanup(client.close)
+        with self.assertRaises(ph.PrefactorAuthError) as caught:
+            client.validate_token()
+        self.assertEqual(
+            (caught.exception.code, caught.exception.message), ("unauthorized", "missing or invalid API token")
+        )
+        self.api.fail_next(418)
+        with self.assertRaises(ph.PrefactorApiError) as caught:
+            self.client.validate_token()
+        self.assertEqual((caught.exception.status_code, caught.exception.code), (418, "injected"))
+
+    def test_bulk_runs_every_item_type(self):
+        inst = self.register()
+        items = [
+            {"_type": "agent_instances/start", "idempotency_key": "bulk-start-1", "agent_instance_id": inst.id},
+            {
+                "_type": "agent_spans/create",
+                "idempotency_key": "bulk-span-01",
+                "agent_instance_id": inst.id,
+                "schema_name": "s",
+                "status": "active",
+                "id": "span-b1",
+            },
+            {
+                "_type": "agent_spans/finish",
+                "idempotency_key": "bulk-sfin-01",
+                "agent_span_id": "span-b1",
+                "status": "failed",
+            },
+            {
+                "_type": "agent_instances/finish",
+                "idempotency_key": "bulk-ifin-01",
+                "agent_instance_id": inst.id,
+                "status": "cancelled",
+            },
+            {"_type": "agents/create", "idempotency_key": "bulk-agent-1", "details": {"name": "bulk agent"}},
+            {"_type": "agents/list", "idempotency_key": "bulk-list-01"},
+            {
+                "_type": "agent_instances/register",
+                "idempotency_key": "bulk-reg-001",
+                "agent_version": {"name": "v"},
+                "id": "inst-b2",
+            },
+            {"_type": "no/such", "idempotency_key": "bulk-bad-001"},
+            {"_type": "agents/list", "idempotency_key": "bulk-list-02"},
+        ]
+        outputs = self.client.bulk.execute(items).outputs
+        self.assertEqual([outputs[i["idempotency_key"]].status for i in items[:7]], ["success"] * 7)
+        self.assertEqual((outputs["bulk-bad-001"].status, outputs["bulk-bad-001"].code), ("error", "invalid_type"))
+        self.assertNotIn("bulk-list-02", outputs)
+        self.assertEqual(
+            (self.api.instances[inst.id]["status"], self.api.spans["span-b1"]["status"]), ("cancelled", "failed")
+        )
+        self.assertEqual([a["name"] for a in self.api.agents.values()], ["bulk agent"])
+        self.assertEqual([row["name"] for row in outputs["bulk-list-01"].summaries], ["bulk agent"])
+        self.assertIn("inst-b2", self.api.instances)
+
+
+# ---------------------------------------------------------------------------- #
 # Retries
 # ---------------------------------------------------------------------------- #
 
