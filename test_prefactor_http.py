@@ -1324,6 +1324,7 @@ class LocalApiServerTests(ApiTestCase):
         self.assertEqual(self.client.validate_token(), {"status": "success"})
         self.assertEqual(self.client.validate_token(), {"status": "success"})
         self.assertEqual(len(self.api.requests), 3)
+        self.assertEqual(self.sleeps, [])  # the closed connection was replaced for free (promise 1)
 
     def test_faults_apply_to_their_path_and_count_down(self):
         self.api.fail_next(503, times=2, path="/api/v1/agent_instance/register")
