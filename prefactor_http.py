@@ -406,7 +406,7 @@ _FRACTION = re.compile(r"\.(\d+)")
 def _parse_datetime(value: Any, where: str) -> datetime:
     """An aware datetime from ISO-8601 with ``Z`` or an offset and 0-9 fraction
     digits; a naive one is taken as UTC."""
-    parsed = _parse_iso(value) if isinstance(value, str) else None
+    parsed = _parse_iso(value) if isinstance(value, str) and len(value) <= 64 else None  # longer: none, uncached
     if parsed is None:
         raise PrefactorResponseContractError(f"{where} is not an ISO-8601 timestamp")  # unquoted: it may be a secret
     return parsed
@@ -782,6 +782,33 @@ def _json_default(value: Any) -> Any:
 
 _decode = json.JSONDecoder().decode
 _encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=_json_default).encode
+#: Bounds of a JSON answer, checked before it is decoded. Depth: the decoder recurses in C, and
+#: a deep body crashes a process that raised its recursion limit. Values (strings, keys, and a
+#: "[", "{" or "," each): a 32 MiB body of "{}," is 900 MiB of Python objects; a value takes at
+#: most ~80 bytes (measured), so 500,000 bound the objects to ~40 MB besides the strings' text.
+#: A bulk answer of 500 outputs of 1 KB has ~60,000.
+_MAX_JSON_DEPTH, _MAX_JSON_VALUES = 500, 500_000
+_JSON_STRING = re.compile(rb'"[^"]*"?')  # once escapes are gone; never fails, so never backtracks
+_DEPTH_STEP, _NOT_BRACKET = bytes.maketrans(b"[{]}", b"\1\1\xff\xff"), bytes(set(range(256)) - set(b"[{]}"))
+
+
+def _load_json(data: bytes) -> Any:
+    """The value of a JSON body; over a bound, a ValueError. The bounds are counted
+    only when a cheap count says the body could pass them."""
+    opens = data.count(b"[") + data.count(b"{")
+    if opens > _MAX_JSON_DEPTH or opens + data.count(b",") + data.count(b'"') // 2 > _MAX_JSON_VALUES:
+        from array import array
+        from itertools import accumulate
+
+        text = data.replace(b"\\\\", b"").replace(b'\\"', b"")  # escapes gone: each '"' opens or closes a string
+        values = text.count(b'"') // 2
+        if values <= _MAX_JSON_VALUES:  # (else the sub would make a piece per string)
+            text = _JSON_STRING.sub(b"", text)
+            values += sum(map(text.count, b"[{,"))
+        steps = array("b", text.translate(_DEPTH_STEP, _NOT_BRACKET))  # +1 at each "[" or "{", -1 at its end
+        if values > _MAX_JSON_VALUES or max(accumulate(steps), default=0) > _MAX_JSON_DEPTH:
+            raise ValueError(f"JSON of over {_MAX_JSON_VALUES} values or {_MAX_JSON_DEPTH} levels deep refused")
+    return _decode(data.decode())
 
 
 def _encode_body(body: dict[str, Any], operation: str) -> bytes:
@@ -1021,6 +1048,8 @@ class _Transport:
             if self.proxy_auth:
                 headers = [*headers, ("Proxy-Authorization", self.proxy_auth)]
         self.head = "".join(f"{k}: {v}\r\n" for k, v in [("Host", self.authority), *headers]).encode()
+        auth = f"Proxy-Authorization: {self.proxy_auth}\r\n" if self.proxy_auth else ""  # made once: no call holds it
+        self.connect = f"CONNECT {self.target} HTTP/1.1\r\nHost: {self.target}\r\n{auth}\r\n".encode()
         self._local = threading.local()  # a thread's connection, closed when the thread ends
         self._lock = threading.Lock()
         self._open: dict[Any, Any] = {}  # socket -> reader, for close(); not the connections themselves
@@ -1029,8 +1058,13 @@ class _Transport:
     def _use_proxy(self, url: str) -> None:
         try:  # urlsplit's and .port's own errors may quote the password; an unencoded '/?#' ends it early
             proxy: Any = urlsplit(url if "://" in url else "http://" + url)
-            self.proxy = (proxy.hostname, proxy.port or 8080)
-            valid = proxy.scheme == "http" and proxy.hostname and "@" not in proxy.path + proxy.query + proxy.fragment
+            self.proxy = (proxy.hostname, 8080 if proxy.port is None else proxy.port)
+            valid = (
+                proxy.scheme == "http"
+                and proxy.hostname
+                and self.proxy[1]
+                and "@" not in proxy.path + proxy.query + proxy.fragment
+            )
         except ValueError:
             proxy = valid = None
         if not valid:
@@ -1060,11 +1094,10 @@ class _Transport:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.proxy and self.tls:
-                auth = f"Proxy-Authorization: {self.proxy_auth}\r\n" if self.proxy_auth else ""
-                sock.sendall(f"CONNECT {self.target} HTTP/1.1\r\nHost: {self.target}\r\n{auth}\r\n".encode())
-                with sock.makefile("rb") as reader:  # nothing follows the answer until TLS starts
+                sock.sendall(self.connect)
+                with sock.makefile("rb") as reader:  # nothing follows the answer until TLS starts; no body is read
                     answer, _ = _read_response(reader, "CONNECT")
-                if answer.status != 200:  # a 407 (credentials) or 403 is not fixed by trying again
+                if answer.status // 100 != 2:  # a 407 (credentials) or 403 is not fixed by trying again
                     why = self.redact(f"{answer.status} {answer.reason}")
                     text = f"proxy {self.proxy[0]}:{self.proxy[1]} refused the tunnel to {self.target}: {why}"
                     raise PrefactorConnectionError(text, transient=_transient_status(answer.status))
@@ -1096,10 +1129,12 @@ class _Transport:
             reader.close()
             sock.close()
 
-    def redact(self, text: str) -> str:
-        """The text without secrets; a longer one than _MAX_QUOTED (a body) is cut, less a margin for a cut secret."""
-        redacted = _redactor(*self.secrets).sub("[REDACTED]", text[:_MAX_QUOTED])
-        return redacted if len(text) <= _MAX_QUOTED else redacted[:-64]
+    def redact(self, text: str | bytes) -> str:
+        """The text (a body: UTF-8) without secrets; over _MAX_QUOTED, cut, less a margin for a cut secret."""
+        cut, text = len(text) > _MAX_QUOTED, text[:_MAX_QUOTED]
+        text = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+        redacted = _redactor(*self.secrets).sub("[REDACTED]", text)
+        return redacted[:-64] if cut else redacted
 
     def round_trip(
         self, method: str, path: str, head: bytes, body: bytes | None, deadline: float, timeout_text: str
@@ -1139,18 +1174,20 @@ class _Transport:
                     f" (limit {_MAX_RESPONSE_BYTES} bytes)",
                     status_code=exc.args[0],
                 ) from None
-            if not isinstance(exc, (OSError, ValueError)):
+            if not isinstance(exc, (OSError, ValueError, MemoryError)):
                 raise
-            error = self._translate(exc, method, path, timeout_text)
+            where = f"{method} {path}"
+            if self.proxy and (conn is None or not self.tls):  # it came from talking to the proxy
+                where += ": proxy {}:{}".format(*self.proxy)
+            error = self._translate(exc, where, timeout_text)
             error._unsent = conn is None  # failed while connecting: nothing of the request left
             error._stale = reused and not answered and not isinstance(error, PrefactorTimeoutError)
             raise error from exc
 
-    def _translate(self, exc: BaseException, method: str, path: str, timeout_text: str) -> PrefactorConnectionError:
+    def _translate(self, exc: BaseException, where: str, timeout_text: str) -> PrefactorConnectionError:
         """Map one socket, ssl or parsing failure to our errors (it stays the cause, redacted)."""
         exc.args = tuple(self.redact(a) if isinstance(a, str) else a for a in exc.args)
-        exc.__cause__ = exc.__context__ = None  # a parse error's cause holds the raw bytes
-        where = f"{method} {path}"
+        exc.__cause__ = exc.__context__ = exc.__traceback__ = None  # a parse error's cause, its frames hold raw bytes
         name = type(exc).__name__
         if isinstance(exc, socket.timeout) or name == "TimeoutError":
             return PrefactorTimeoutError(f"{where}: {timeout_text}")
@@ -1161,11 +1198,10 @@ class _Transport:
                 transient=False,
             )
         host, port = self.proxy or (self.host, self.port)
-        via = "proxy " if self.proxy else ""
         if isinstance(exc, socket.gaierror):
-            return PrefactorConnectionError(f"{where}: cannot resolve {via}{host}: {exc}")
+            return PrefactorConnectionError(f"{where}: cannot resolve {host}: {exc}")
         if isinstance(exc, ConnectionRefusedError):
-            return PrefactorConnectionError(f"{where}: connection refused by {via}{host}:{port}")
+            return PrefactorConnectionError(f"{where}: connection refused by {host}:{port}")
         if isinstance(exc, _CutShort):
             return PrefactorConnectionError(f"{where}: {exc}")
         if isinstance(exc, ValueError):
@@ -1295,7 +1331,7 @@ def _read_response(reader: Any, method: str) -> tuple[_Response, bytes]:
     will_close = "close" in connection or (status_line[1] == b"0" and "keep-alive" not in connection)
     response = _Response(status, (status_line[3] or b"").strip().decode("latin-1"), headers, will_close)
     coding, length = headers.get("transfer-encoding"), headers.get("content-length")
-    if method == "HEAD" or status in (204, 304) or (method == "CONNECT" and status == 200):
+    if method in ("HEAD", "CONNECT") or status in (204, 304):  # CONNECT: a refusal's body is not waited for
         response.will_close |= status in (204, 304) and (coding is not None or length not in (None, "0"))
         return response, b""
     if coding is not None:
@@ -1682,8 +1718,9 @@ class _Agents(_Group):
             if following is None or not page.summaries:
                 return
             if not isinstance(following, int) or following <= (offset or 0):
+                what = following if isinstance(following, int) else type(following).__name__  # a str may be a secret
                 raise PrefactorResponseContractError(
-                    f"agents.list_agents: next_page_offset {following!r} does not move forward"
+                    f"agents.list_agents: next_page_offset {what} does not move forward"
                 )
             offset = following
 
@@ -1702,7 +1739,8 @@ class _Bulk(_Group):
         response: BulkResponse = _build(BulkResponse, data, "bulk.execute response")
         if not isinstance(response.outputs, dict):
             raise PrefactorResponseContractError("bulk.execute: 'outputs' is not an object")
-        response.outputs = {k: _build(BulkOutput, v, f"outputs[{k!r}]") for k, v in response.outputs.items()}
+        items = enumerate(response.outputs.items())  # named by index: a key sent back may be a secret
+        response.outputs = {k: _build(BulkOutput, v, f"outputs[{i}]") for i, (k, v) in items}
         return response
 
 
@@ -1875,8 +1913,9 @@ class PrefactorHttpClient:
             limit = "total_timeout" if deadline == total_deadline else "request_timeout"
             timeout_text = f"no answer within {limit}={getattr(config, limit)}s"  # config may change between calls
             try:
-                response, data = self._transport.round_trip(method, path, head, payload, deadline, timeout_text)
-                result = self._interpret(response, data, method, path)
+                status, result = self._interpret(  # the body goes straight in: no local here holds it
+                    *self._transport.round_trip(method, path, head, payload, deadline, timeout_text), method, path
+                )
             except PrefactorHttpError as error:
                 self._log(method, path, attempt, began, error)
                 if error._stale and free:  # a kept-alive connection had died: send again at once
@@ -1896,7 +1935,7 @@ class PrefactorHttpClient:
                     raise PrefactorClientError("the client was closed during the call") from error
                 attempt += 1
                 continue
-            self._log(method, path, attempt, began, response.status)
+            self._log(method, path, attempt, began, status)
             return result
 
     def _retry_delay(self, error: PrefactorHttpError, attempt: int, total_deadline: float) -> float | None:
@@ -1921,26 +1960,30 @@ class PrefactorHttpClient:
             return None
         return delay
 
-    def _interpret(self, response: _Response, data: bytes, method: str, path: str) -> dict[str, Any]:
+    def _interpret(self, response: _Response, data: bytes, method: str, path: str) -> tuple[int, dict[str, Any]]:
+        """The status and the JSON object of a 2xx answer, or our error. No frame of a raise
+        holds the body in a local: a traceback with locals (as Sentry records) would show it."""
         status, redact = response.status, self._transport.redact
         if 200 <= status < 300:
             try:
-                result = _decode(data.decode())
-            except (ValueError, RecursionError, MemoryError) as exc:  # not JSON, nested too deep, too many values:
+                result = _load_json(data)
+            except (ValueError, RecursionError, MemoryError) as exc:  # not JSON, too deep, too many values:
                 # the error holds the raw body (.doc, .object), so it is neither kept nor chained
                 result = ValueError(redact(str(exc)))
             if isinstance(result, dict):
-                return result
+                return status, result
             cause = result if isinstance(result, ValueError) else None
-            quoted = _snippet(redact(data.decode("utf-8", "replace")))
+            quoted = _snippet(redact(data))
             kind = response.getheader("Content-Type") or "no type"
             expected = f"JSON, got {kind}: {quoted}" if cause else f"a JSON object, got {type(result).__name__}"
+            del data, result
             raise PrefactorResponseContractError(
                 redact(f"{method} {path}: expected {expected}"), status_code=status, body_snippet=quoted, cause=cause
             )
-        text = redact(data.decode("utf-8", "replace"))
+        text = redact(data)
+        del data
         try:
-            envelope = _decode(text)
+            envelope = _load_json(text.encode())
         except (ValueError, RecursionError, MemoryError):
             envelope = None
         snippet = None if isinstance(envelope, dict) else _snippet(text)

@@ -1856,7 +1856,7 @@ class ResolverTests(FaultTestCase):
         self.addCleanup(clean_env)
         os.environ["HTTPS_PROXY"] = "http://proxy.invalid:3128"
         client, _ = self.client("https://api.example.com", trust_env=True, max_retries=0)
-        with self.assertRaisesRegex(ph.PrefactorConnectionError, "cannot resolve proxy proxy.invalid"):
+        with self.assertRaisesRegex(ph.PrefactorConnectionError, "proxy.invalid:3128: cannot resolve proxy.invalid"):
             client.validate_token()
 
 
