@@ -982,33 +982,52 @@ def _open_socket(address: tuple[str, int], timeout: float, deadline: float) -> _
 _getaddrinfo = socket.getaddrinfo  # replaceable in tests by a resolver that never answers
 
 
+_lookups: dict[tuple[str, int], list[Any]] = {}  # (host, port) -> [result, thread] of a lookup not done yet
+
+
 def _resolve(host: str, port: int, deadline: float) -> list[Any]:
-    """getaddrinfo (which has no timeout) in a daemon thread, waited for until the deadline."""
+    """getaddrinfo (which has no timeout) in a daemon thread, waited for until the deadline.
+    A lookup still running is waited for again, not repeated: a resolver that never
+    answers holds one thread per name, not one per attempt."""
     try:
         return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
     except socket.gaierror:
-        result: list[Any] = [socket.timeout(f"cannot resolve {host} in time")]
-
-    def resolve() -> None:
+        lookup = _lookups.get((host, port))
+    if lookup is None:
+        lookup = _lookups[host, port] = [socket.timeout(f"cannot resolve {host} in time")]
+        lookup.append(threading.Thread(target=_lookup, args=(host, port, lookup), daemon=True))
         try:
-            result[0] = _getaddrinfo(host, port, 0, socket.SOCK_STREAM)
-        except BaseException as exc:  # handed to the caller
-            result[0] = exc
+            lookup[1].start()
+        except RuntimeError:  # no thread to be had (a memory-capped container)
+            del _lookups[host, port]
+            raise OSError(f"cannot start a thread to resolve {host}") from None
+    lookup[1].join(max(deadline - _monotonic(), 0))
+    if isinstance(lookup[0], BaseException):
+        raise lookup[0]
+    return lookup[0]  # type: ignore[no-any-return]
 
-    thread = threading.Thread(target=resolve, daemon=True)
-    thread.start()
-    thread.join(max(deadline - _monotonic(), 0))
-    if isinstance(result[0], BaseException):
-        raise result[0]
-    return result[0]  # type: ignore[no-any-return]
+
+def _lookup(host: str, port: int, lookup: list[Any]) -> None:
+    try:
+        lookup[0] = _getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    except BaseException as exc:  # handed to the callers
+        lookup[0] = exc
+    _lookups.pop((host, port), None)
 
 
 def _proxy_for(scheme: str, host: str, port: int) -> str | None:
     """The proxy URL for a request, read from the environment as curl does. NO_PROXY
-    entries: a name (and its subdomains) or an IP, with an optional port (``[::1]:443``)."""
+    entries: a name (and its subdomains) or an IP, with an optional port (``[::1]:443``),
+    or an IP range (``10.0.0.0/8``, as requests reads it)."""
     env = os.environ
-    no_proxy = env.get("no_proxy", env.get("NO_PROXY", ""))
+    no_proxy = env.get("no_proxy") or env.get("NO_PROXY", "")  # an empty one does not hide the other
     for entry in no_proxy.replace(" ", "").lower().split(","):
+        if "/" in entry:
+            from ipaddress import ip_address, ip_network
+
+            with suppress(ValueError):  # the host is a name, or the range is no range
+                if ip_address(host) in ip_network(entry, strict=False):
+                    return None
         with_port = entry.count(":") == 1 or (entry.startswith("[") and "]:" in entry)  # not "::1"
         name, _, entry_port = entry.rpartition(":") if with_port else (entry, "", "")
         name = name.strip("[]").lstrip(".")
@@ -1211,18 +1230,22 @@ class _Transport:
 
 @lru_cache(maxsize=8)  # made on the first error, not at start
 def _redactor(*secrets: str) -> re.Pattern[str]:
-    """One pattern for the secrets, each character as it is or JSON- or %-escaped:
-    the whole secret or (cut by a length limit) its first 8 or more characters; a
-    secret under 4 characters only where it is not part of a longer word."""
+    """One pattern for the secrets, each character as it is, JSON-escaped (its UTF-16
+    code units) or %-escaped (its UTF-8 bytes): the whole secret or (cut by a length
+    limit) its first half, 4 to 8 characters, or more; a secret under 4 characters
+    only where it is not part of a longer word."""
 
     def unit(c: str) -> str:
-        return f"(?:{re.escape(c)}|\\\\u(?i:{ord(c):04x})|%(?i:{ord(c):02x})|\\\\{re.escape(c)})"
+        escaped = "".join(f"\\\\u{unit}" for unit in re.findall("....", c.encode("utf-16-be").hex()))  # 1 or 2 units
+        utf8 = "".join(f"%{byte:02x}" for byte in c.encode())
+        return f"(?:{re.escape(c)}|(?i:{escaped}|{utf8})|\\\\{re.escape(c)})"
 
     patterns = []
     for secret in filter(None, secrets):
-        head = "".join(map(unit, secret[:8]))
-        rest = "[" + re.escape("".join(set(secret[8:]))) + "]|\\\\u[0-9a-fA-F]{4}|%[0-9a-fA-F]{2}|\\\\."
-        patterns.append(f"(?<!\\w){head}(?!\\w)" if len(secret) < 4 else head + f"(?:{rest})*" * (len(secret) > 8))
+        n = min(8, max(4, len(secret) // 2))
+        head = "".join(map(unit, secret[:n]))
+        rest = "[" + re.escape("".join(set(secret[n:]))) + "]|\\\\u[0-9a-fA-F]{4}|%[0-9a-fA-F]{2}|\\\\."
+        patterns.append(f"(?<!\\w){head}(?!\\w)" if len(secret) < 4 else head + f"(?:{rest})*" * (len(secret) > n))
     return re.compile("|".join(patterns))
 
 
