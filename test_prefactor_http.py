@@ -11,6 +11,7 @@ Run: ``python3 -m unittest -v`` (nothing to install) or ``pytest``.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import gc
 import http.client
@@ -1728,6 +1729,22 @@ def everything_shown(exc: BaseException, seen: set | None = None) -> str:
     return "\n".join(parts)
 
 
+def module_frame_locals(call) -> str:
+    """The locals of the module's frames in the traceback of ``call()``'s error recorded with
+    them (as Sentry does: TracebackException(capture_locals=True)), causes and contexts too.
+    Not through assertRaises: it clears the frames."""
+    import traceback
+
+    try:
+        call()
+    except ph.PrefactorHttpError as exc:
+        shown, seen = [str(exc)], traceback.TracebackException.from_exception(exc, capture_locals=True)
+    while seen is not None:
+        shown += [repr(frame.locals) for frame in seen.stack if os.path.basename(frame.filename) == "prefactor_http.py"]
+        seen = seen.__cause__ or seen.__context__
+    return "\n".join(shown)  # (unbound if nothing was raised: the test fails)
+
+
 class SecretWalkTests(FaultTestCase):
     SECRET = "sk/live+0123456789abcdef"  # a '/' and a '+', as base64 tokens have
 
@@ -1798,6 +1815,58 @@ class SecretWalkTests(FaultTestCase):
         seen = self.shown(server.url, call=lambda client: client.agent_instances.get("inst-1"))
         self.assert_hidden(seen)
         self.assertIn("inserted_at is not an ISO-8601 timestamp", seen)
+
+    def test_server_values_in_a_success_are_not_quoted(self):
+        bulk = {"status": "success", "outputs": {self.SECRET: 1}}
+        page = {"summaries": [{"id": "a"}], "pagination": {"next_page_offset": self.SECRET}}
+        item = {"_type": "agents/create", "idempotency_key": "key-00000001", "details": {"name": "n"}}
+        for body, call in ((bulk, lambda client: client.bulk.execute([item])),
+                           (page, lambda client: list(client.agents.iter_agents()))):  # fmt: skip
+            with self.subTest(body=body):
+                server = self.serve([("reply", http_response(200, body))])
+                self.assert_hidden(self.shown(server.url, call=call))
+
+    def test_a_traceback_with_locals_shows_no_secret(self):
+        echo = self.SECRET.encode()
+        for answer in (http_response(401, b'{"message": "token %s"}' % echo),
+                       http_response(200, b"<p>%s</p>" % echo, {"Content-Type": "text/html"}),
+                       b"HTTP/1.1 abc " + echo + b"\r\n\r\n"):  # fmt: skip
+            with self.subTest(answer=answer):
+                server = self.serve([("reply", answer)])
+                client = PrefactorHttpClient(HttpClientConfig(server.url, self.SECRET, max_retries=0, trust_env=False))
+                self.addCleanup(client.close)
+                shown = module_frame_locals(client.validate_token)
+                self.assertIn("'path': \"'/api/v1/ping'\"", shown)  # the frames' locals are there
+                self.assertNotIn(self.SECRET, shown)
+        proxy = self.serve([("reply", b"HTTP/1.1 407 Who are you\r\nContent-Length: 0\r\n\r\n")])
+        os.environ["HTTPS_PROXY"] = f"http://user:{self.SECRET.replace('/', '%2F')}@127.0.0.1:{proxy.port}"
+        self.addCleanup(clean_env)
+        client, _ = self.client("https://api.example.com", trust_env=True, max_retries=0)
+        shown = module_frame_locals(client.validate_token)
+        self.assertIn("refused the tunnel", shown)
+        self.assertNotIn(base64.b64encode(f"user:{self.SECRET}".encode()).decode(), shown)
+
+    def test_a_non_ascii_proxy_password_is_redacted_in_every_escape(self):
+        from urllib.parse import quote
+
+        password = "\U0001f600\u00e4\u00f6\u00fc-geheim"  # an emoji (two UTF-16 units), umlauts (two UTF-8 bytes)
+        forms = [password, json.dumps(password)[1:-1], quote(password, safe=""), quote(password, safe="").lower()]
+        body = json.dumps({"message": " | ".join(forms)}).encode()
+        proxy = self.serve([("reply", http_response(403, body))])
+        os.environ["HTTP_PROXY"] = f"http://user:{quote(password, safe='')}@127.0.0.1:{proxy.port}"
+        self.addCleanup(clean_env)
+        seen = self.shown("http://api.example.com", trust_env=True)
+        self.assertEqual([form for form in forms if form[:6] in seen], [])
+        self.assertIn("[REDACTED] | [REDACTED]", seen)
+
+    def test_half_of_a_short_token_is_redacted(self):
+        for token in ("abcdef123456", "abcd1234"):
+            with self.subTest(token=token):
+                half = token[: len(token) // 2]
+                server = self.serve([("reply", http_response(401, b'{"message": "token %s..."}' % half.encode()))])
+                seen = self.shown(server.url, secret=token)
+                self.assertNotIn(half, seen)
+                self.assertIn("[REDACTED]...", seen)
 
     def test_short_proxy_passwords_are_redacted_and_a_407_names_the_proxy_once(self):
         for password in ("p", "pw", "pwd"):
