@@ -1012,7 +1012,8 @@ def _lookup(host: str, port: int, lookup: list[Any]) -> None:
         lookup[0] = _getaddrinfo(host, port, 0, socket.SOCK_STREAM)
     except BaseException as exc:  # handed to the callers
         lookup[0] = exc
-    _lookups.pop((host, port), None)
+    if _lookups.get((host, port)) is lookup:  # (not a newer one, made while the test's resolvers changed)
+        del _lookups[host, port]
 
 
 def _proxy_for(scheme: str, host: str, port: int) -> str | None:

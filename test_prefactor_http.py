@@ -1891,6 +1891,7 @@ class BlockingResolver:
         self.release = threading.Event()
         test.addCleanup(self.release.set)
         test.addCleanup(setattr, ph, "_getaddrinfo", getattr(ph, "_getaddrinfo", socket.getaddrinfo))
+        test.addCleanup(ph._lookups.clear)  # a lookup left pending is not waited for by the next test
         ph._getaddrinfo = self
 
     def __call__(self, host, *args):
@@ -1919,6 +1920,30 @@ class ResolverTests(FaultTestCase):
             client.agent_instances.get("inst-1")
             client.agent_instances.get("inst-1")
         self.assertEqual(resolver.calls, ["localhost"])
+
+    def test_a_lookup_that_never_ends_is_waited_for_again_not_repeated(self):
+        resolver = BlockingResolver(self, hang=("hang.test",))
+        client, _ = self.client("http://hang.test:9", max_retries=0, request_timeout=0.05)
+        for _ in range(4):
+            with self.assertRaises(ph.PrefactorTimeoutError):
+                client.validate_token()
+        self.assertEqual(resolver.calls, ["hang.test"])  # one thread, not one per attempt
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "needs RLIMIT_AS and /proc")
+    def test_no_thread_for_a_lookup_is_our_error(self):
+        script = """if True:
+            import resource, prefactor_http as ph
+            config = ph.HttpClientConfig("http://unresolved.test", "t", trust_env=False, max_retries=0)
+            client = ph.PrefactorHttpClient(config)
+            size = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmSize"))
+            resource.setrlimit(resource.RLIMIT_AS, (size * 1024 + (4 << 20), resource.RLIM_INFINITY))  # no stack
+            try:
+                client.validate_token()
+            except BaseException as error:
+                print(type(error).__name__, error)
+        """
+        result = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True)
+        self.assertIn("PrefactorConnectionError GET /api/v1/ping: OSError: cannot start a thread", result.stdout)
 
     def test_a_proxy_that_does_not_resolve_is_named(self):
         BlockingResolver(self, missing=("proxy.invalid",))
@@ -1973,6 +1998,46 @@ class ProxyTests(FaultTestCase):
             with self.subTest(no_proxy=no_proxy, host=host, port=port):
                 os.environ["NO_PROXY"] = no_proxy
                 self.assertEqual(ph._proxy_for("https", host, port) is not None, proxied)
+
+    def test_a_refused_connect_is_never_read_for_a_body(self):
+        refusal = b"HTTP/1.1 407 Who are you\r\nProxy-Authenticate: Basic realm=x\r\n\r\nauth needed"  # to the close
+        proxy = self.serve([("reply", refusal)])  # the connection stays open
+        os.environ["HTTPS_PROXY"] = f"http://127.0.0.1:{proxy.port}"
+        client, sleeps = self.client("https://api.example.com", trust_env=True, request_timeout=1)
+        with self.assertRaisesRegex(ph.PrefactorConnectionError, "refused the tunnel .*: 407 Who are you"):
+            client.validate_token()
+        self.assertEqual((proxy.connections, sleeps), (1, []))
+
+    def test_a_proxy_failing_the_connect_is_named(self):
+        for script in ([("drop_after",)], [("reset",)], [("truncate", b"SSH-2.0-OpenSSH\r\n")], [("stall",)]):
+            with self.subTest(script[0][0]):
+                proxy = self.serve(script)
+                os.environ["HTTPS_PROXY"] = f"http://127.0.0.1:{proxy.port}"
+                client, _ = self.client("https://api.example.com", trust_env=True, max_retries=0, request_timeout=0.3)
+                with self.assertRaisesRegex(ph.PrefactorConnectionError, f"proxy 127.0.0.1:{proxy.port}: "):
+                    client.validate_token()
+
+    def test_no_proxy_takes_ip_ranges_and_an_empty_lowercase_variable_hides_nothing(self):
+        os.environ["HTTPS_PROXY"] = "http://proxy:3128"
+        cases = [
+            ({"NO_PROXY": "127.0.0.0/8"}, "127.0.0.1", False),
+            ({"NO_PROXY": "10.0.0.0/8, ::1/128"}, "::1", False),
+            ({"NO_PROXY": "127.0.0.0/8"}, "128.0.0.1", True),
+            ({"NO_PROXY": "127.0.0.0/8"}, "localhost", True),
+            ({"NO_PROXY": "127.0.0.0/33"}, "127.0.0.1", True),
+            ({"no_proxy": "", "NO_PROXY": "127.0.0.1"}, "127.0.0.1", False),
+        ]
+        for env, host, proxied in cases:
+            with self.subTest(env=env, host=host):
+                os.environ.pop("no_proxy", None)
+                os.environ.update(env)
+                self.assertEqual(ph._proxy_for("https", host, 443) is not None, proxied)
+
+    def test_a_proxy_port_of_0_is_refused_unshown(self):
+        os.environ["HTTPS_PROXY"] = "http://user:hunter2secret@127.0.0.1:0"
+        with self.assertRaisesRegex(ValueError, "proxy URL") as caught:
+            make_client("https://api.example.com", trust_env=True)
+        self.assertNotIn("hunter2secret", everything_shown(caught.exception))
 
     def test_a_password_with_an_unencoded_character_is_refused_unshown(self):
         for password in ("Qz7/Kx9w", "46/83", "Qz7#Kx9w", "Qz7?Kx9w", "Qz7/Kx9w:Vb2", "[Qz7:Kx9w]"):
