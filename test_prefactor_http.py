@@ -2984,6 +2984,73 @@ class StrictReaderTests(FaultTestCase):
         self.assertEqual(parse(answer)[:2][1], b"{}")
 
 
+class BoundedAnswerTests(FaultTestCase):
+    """Memory and the C stack stay bounded whatever a 2xx or error body holds (attack 1)."""
+
+    def call(self, answer, call=PrefactorHttpClient.validate_token):
+        server = self.serve([("reply", answer)])
+        client, _ = self.client(server.url, max_retries=0)
+        return call(client)
+
+    def test_a_long_timestamp_is_not_cached(self):
+        ph._parse_iso.cache_clear()
+        answer = http_response(200, ok_body(inserted_at="2024-01-01T00:00:00" + "0" * 100_000))
+        with self.assertRaisesRegex(ph.PrefactorResponseContractError, "inserted_at is not an ISO-8601 timestamp"):
+            self.call(answer, lambda client: client.agent_instances.get("inst-1"))
+        self.assertEqual(ph._parse_iso.cache_info().currsize, 0)
+
+    def test_json_nesting_is_bounded_whatever_the_recursion_limit(self):
+        deep = b'{"a":' * 600 + b"1" + b"}" * 600  # under the recursion limit, over ours
+        with self.assertRaisesRegex(ph.PrefactorResponseContractError, "expected JSON"):
+            self.call(http_response(200, deep))
+        brackets_in_strings = {"s": "[{" * 5000, "t": ["[\\", '"[', "]"] * 100}
+        self.assertEqual(self.call(http_response(200, brackets_in_strings)), brackets_in_strings)
+        script = """if True:
+            import sys, test_prefactor_http as t
+            server = t.FaultServer([("reply", t.http_response(200, b"[" * 4_000_000))])
+            client, _ = t.make_client(server.url, max_retries=0)
+            sys.setrecursionlimit(1_000_000)  # the C decoder would overflow the C stack
+            try:
+                client.validate_token()
+            except BaseException as error:
+                print(type(error).__name__)
+        """
+        result = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True)
+        self.assertEqual((result.returncode, result.stdout), (0, "PrefactorResponseContractError\n"), result.stderr)
+
+    def test_json_values_are_bounded_and_a_big_bulk_answer_passes(self):
+        with self.assertRaisesRegex(ph.PrefactorResponseContractError, "expected JSON") as caught:
+            self.call(http_response(200, b'{"details":[' + b"{}," * 600_000 + b"0]}"))  # 1.8 MB, 90 MB as objects
+        self.assertIn("500000 values", str(caught.exception.cause))
+        envelope = b'{"message": "m", "x": [' + b"0," * 510_000 + b"0]}"  # within the first MiB that is decoded
+        with self.assertRaisesRegex(ph.PrefactorApiError, "ping: HTTP 500"):  # not "m": no envelope read
+            self.call(http_response(500, envelope))
+        output = {"status": "success", "details": {"id": "s", "payload": {f"k{i}": "v" * 20 for i in range(30)}}}
+        outputs = {f"key-{i:08d}": output for i in range(2500)}  # 5 times 500 outputs of ~1 KB
+        self.assertEqual(len(self.call(http_response(200, {"status": "success", "outputs": outputs}))["outputs"]), 2500)
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "needs RLIMIT_AS and /proc")
+    def test_memory_pressure_is_our_error_not_memory_error(self):
+        script = """if True:
+            import resource, test_prefactor_http as t
+            for status, body, headroom in ((200, b"x" * (32 << 20), 16), (500, "\U0001f600".encode() * (30 << 18), 60)):
+                server = t.FaultServer([("reply", t.http_response(status, body, {}))])
+                client, _ = t.make_client(server.url, max_retries=0)
+                size = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmSize"))
+                resource.setrlimit(resource.RLIMIT_AS, (size * 1024 + (headroom << 20), resource.RLIM_INFINITY))
+                try:
+                    client.validate_token()
+                except BaseException as error:
+                    print(type(error).__name__)
+                resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+                client.close()
+                server.close()
+        """
+        env = {**os.environ, "MALLOC_ARENA_MAX": "1"}  # thread arenas would take the headroom
+        result = subprocess.run([sys.executable, "-c", script], cwd=HERE, env=env, capture_output=True, text=True)
+        self.assertEqual(result.stdout.split(), ["PrefactorConnectionError", "PrefactorApiError"], result.stderr)
+
+
 # ---------------------------------------------------------------------------- #
 # Differential test: our reader against http.client
 # ---------------------------------------------------------------------------- #
