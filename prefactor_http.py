@@ -782,19 +782,16 @@ def _json_default(value: Any) -> Any:
 
 _decode = json.JSONDecoder().decode
 _encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=_json_default).encode
-#: Bounds of a JSON answer, checked before it is decoded. Depth: the decoder recurses in C, and
-#: a deep body crashes a process that raised its recursion limit. Values (strings, keys, and a
-#: "[", "{" or "," each): a 32 MiB body of "{}," is 900 MiB of Python objects; a value takes at
-#: most ~80 bytes (measured), so 500,000 bound the objects to ~40 MB besides the strings' text.
-#: A bulk answer of 500 outputs of 1 KB has ~60,000.
+#: Bounds of a JSON answer. Depth: the C decoder recurses (deep enough, it crashes a process that raised
+#: its recursion limit). Values (a string, "[", "{" or "," each): a 32 MiB body of "{}," is 900 MiB as
+#: objects; a value takes 80 bytes at most, so ~40 MB and the strings' text. 500 bulk outputs of 1 KB: 60,000.
 _MAX_JSON_DEPTH, _MAX_JSON_VALUES = 500, 500_000
 _JSON_STRING = re.compile(rb'"[^"]*"?')  # once escapes are gone; never fails, so never backtracks
 _DEPTH_STEP, _NOT_BRACKET = bytes.maketrans(b"[{]}", b"\1\1\xff\xff"), bytes(set(range(256)) - set(b"[{]}"))
 
 
 def _load_json(data: bytes) -> Any:
-    """The value of a JSON body; over a bound, a ValueError. The bounds are counted
-    only when a cheap count says the body could pass them."""
+    """A JSON body's value; over a bound, a ValueError (counted when a cheap count says it may be)."""
     opens = data.count(b"[") + data.count(b"{")
     if opens > _MAX_JSON_DEPTH or opens + data.count(b",") + data.count(b'"') // 2 > _MAX_JSON_VALUES:
         from array import array
@@ -980,27 +977,24 @@ def _open_socket(address: tuple[str, int], timeout: float, deadline: float) -> _
 
 
 _getaddrinfo = socket.getaddrinfo  # replaceable in tests by a resolver that never answers
-
-
-_lookups: dict[tuple[str, int], list[Any]] = {}  # (host, port) -> [result, thread] of a lookup not done yet
+_lookups: dict[tuple[str, int], list[Any]] = {}  # (host, port) -> [result, thread] of the last lookup
 
 
 def _resolve(host: str, port: int, deadline: float) -> list[Any]:
-    """getaddrinfo (which has no timeout) in a daemon thread, waited for until the deadline.
-    A lookup still running is waited for again, not repeated: a resolver that never
-    answers holds one thread per name, not one per attempt."""
+    """getaddrinfo (which has no timeout) in a daemon thread, waited for until the deadline; one
+    under way is waited for again, not repeated (a resolver that never answers: one thread)."""
     try:
         return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
     except socket.gaierror:
         lookup = _lookups.get((host, port))
-    if lookup is None:
-        lookup = _lookups[host, port] = [socket.timeout(f"cannot resolve {host} in time")]
+    if lookup is None or not lookup[1].is_alive():
+        lookup = [socket.timeout(f"cannot resolve {host} in time")]
         lookup.append(threading.Thread(target=_lookup, args=(host, port, lookup), daemon=True))
         try:
             lookup[1].start()
         except RuntimeError:  # no thread to be had (a memory-capped container)
-            del _lookups[host, port]
             raise OSError(f"cannot start a thread to resolve {host}") from None
+        _lookups[host, port] = lookup
     lookup[1].join(max(deadline - _monotonic(), 0))
     if isinstance(lookup[0], BaseException):
         raise lookup[0]
@@ -1012,8 +1006,6 @@ def _lookup(host: str, port: int, lookup: list[Any]) -> None:
         lookup[0] = _getaddrinfo(host, port, 0, socket.SOCK_STREAM)
     except BaseException as exc:  # handed to the callers
         lookup[0] = exc
-    if _lookups.get((host, port)) is lookup:  # (not a newer one, made while the test's resolvers changed)
-        del _lookups[host, port]
 
 
 def _proxy_for(scheme: str, host: str, port: int) -> str | None:
@@ -1079,12 +1071,7 @@ class _Transport:
         try:  # urlsplit's and .port's own errors may quote the password; an unencoded '/?#' ends it early
             proxy: Any = urlsplit(url if "://" in url else "http://" + url)
             self.proxy = (proxy.hostname, 8080 if proxy.port is None else proxy.port)
-            valid = (
-                proxy.scheme == "http"
-                and proxy.hostname
-                and self.proxy[1]
-                and "@" not in proxy.path + proxy.query + proxy.fragment
-            )
+            valid = proxy.scheme == "http" and all(self.proxy) and "@" not in proxy.path + proxy.query + proxy.fragment
         except ValueError:
             proxy = valid = None
         if not valid:
@@ -1314,9 +1301,6 @@ class _Response:
 
     def __init__(self, status: int, reason: str, headers: dict[str, str], will_close: bool) -> None:
         self.status, self.reason, self.headers, self.will_close = status, reason, headers, will_close
-
-    def getheader(self, name: str, default: str | None = None) -> str | None:
-        return self.headers.get(name.lower(), default)
 
 
 #: Limits: bytes of the status line and header fields together (of the trailers; of one
@@ -1985,9 +1969,9 @@ class PrefactorHttpClient:
         return delay
 
     def _interpret(self, response: _Response, data: bytes, method: str, path: str) -> tuple[int, dict[str, Any]]:
-        """The status and the JSON object of a 2xx answer, or our error. No frame of a raise
-        holds the body in a local: a traceback with locals (as Sentry records) would show it."""
-        status, redact = response.status, self._transport.redact
+        """A 2xx answer's status and JSON object, or our error, raised with no local holding the body."""
+        status, redact, headers = response.status, self._transport.redact, response.headers
+        kind = headers.get("content-type") or "no content type"
         if 200 <= status < 300:
             try:
                 result = _load_json(data)
@@ -1998,7 +1982,6 @@ class PrefactorHttpClient:
                 return status, result
             cause = result if isinstance(result, ValueError) else None
             quoted = _snippet(redact(data))
-            kind = response.getheader("Content-Type") or "no type"
             expected = f"JSON, got {kind}: {quoted}" if cause else f"a JSON object, got {type(result).__name__}"
             del data, result
             raise PrefactorResponseContractError(
@@ -2016,13 +1999,10 @@ class PrefactorHttpClient:
         if status == 407 and self._transport.proxy:  # the proxy's own answer (plain HTTP through it)
             message = "{} {}: proxy {}:{} asks for credentials (407)".format(method, path, *self._transport.proxy)
         if not message and 300 <= status < 400:
-            message = (
-                f"{method} {path}: redirect to {_snippet(redact(response.getheader('Location') or '?'))} not followed"
-            )
+            message = f"{method} {path}: redirect to {_snippet(redact(headers.get('location') or '?'))} not followed"
         if not message:
-            kind = response.getheader("Content-Type") or "no content type"
             message = f"{method} {path}: HTTP {status} ({kind})" + (f": {snippet}" if snippet else "")
-        retry_after = _parse_retry_after(response.getheader("Retry-After"))
+        retry_after = _parse_retry_after(headers.get("retry-after"))
         cls = _STATUS_ERRORS.get(status, PrefactorApiError)
         code, errors = str(envelope.get("code") or "unknown"), envelope.get("errors")
         raise cls(redact(str(message)), code, status, errors, retry_after=retry_after, body_snippet=snippet)
