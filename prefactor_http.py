@@ -783,9 +783,9 @@ def _json_default(value: Any) -> Any:
 _decode = json.JSONDecoder().decode
 _encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=_json_default).encode
 #: Bounds of a JSON answer. Depth: the C decoder recurses (deep enough, it crashes a process that raised
-#: its recursion limit). Values (a string, "[", "{" or "," each): a 32 MiB body of "{}," is 900 MiB as
-#: objects; a value takes 80 bytes at most, so ~40 MB and the strings' text. 500 bulk outputs of 1 KB: 60,000.
-_MAX_JSON_DEPTH, _MAX_JSON_VALUES = 500, 500_000
+#: its recursion limit). Values ("[", "{" and "," each): a 32 MiB body of "{}," is 900 MiB as objects;
+#: one takes 160 bytes at most, so ~40 MB, and the strings' text. 500 bulk outputs of 1 KB: ~20,000.
+_MAX_JSON_DEPTH, _MAX_JSON_VALUES = 500, 250_000
 _JSON_STRING = re.compile(rb'"[^"]*"?')  # once escapes are gone; never fails, so never backtracks
 _DEPTH_STEP, _NOT_BRACKET = bytes.maketrans(b"[{]}", b"\1\1\xff\xff"), bytes(set(range(256)) - set(b"[{]}"))
 
@@ -793,17 +793,14 @@ _DEPTH_STEP, _NOT_BRACKET = bytes.maketrans(b"[{]}", b"\1\1\xff\xff"), bytes(set
 def _load_json(data: bytes) -> Any:
     """A JSON body's value; over a bound, a ValueError (counted when a cheap count says it may be)."""
     opens = data.count(b"[") + data.count(b"{")
-    if opens > _MAX_JSON_DEPTH or opens + data.count(b",") + data.count(b'"') // 2 > _MAX_JSON_VALUES:
+    if opens > _MAX_JSON_DEPTH or opens + data.count(b",") > _MAX_JSON_VALUES:
         from array import array
         from itertools import accumulate
 
         text = data.replace(b"\\\\", b"").replace(b'\\"', b"")  # escapes gone: each '"' opens or closes a string
-        values = text.count(b'"') // 2
-        if values <= _MAX_JSON_VALUES:  # (else the sub would make a piece per string)
-            text = _JSON_STRING.sub(b"", text)
-            values += sum(map(text.count, b"[{,"))
+        text = _JSON_STRING.sub(b"", text, 2 * _MAX_JSON_VALUES + 2)  # a piece each; more strings need more values
         steps = array("b", text.translate(_DEPTH_STEP, _NOT_BRACKET))  # +1 at each "[" or "{", -1 at its end
-        if values > _MAX_JSON_VALUES or max(accumulate(steps), default=0) > _MAX_JSON_DEPTH:
+        if sum(map(text.count, b"[{,")) > _MAX_JSON_VALUES or max(accumulate(steps), default=0) > _MAX_JSON_DEPTH:
             raise ValueError(f"JSON of over {_MAX_JSON_VALUES} values or {_MAX_JSON_DEPTH} levels deep refused")
     return _decode(data.decode())
 
@@ -1727,9 +1724,7 @@ class _Agents(_Group):
                 return
             if not isinstance(following, int) or following <= (offset or 0):
                 what = following if isinstance(following, int) else type(following).__name__  # a str may be a secret
-                raise PrefactorResponseContractError(
-                    f"agents.list_agents: next_page_offset {what} does not move forward"
-                )
+                raise PrefactorResponseContractError(f"agents.list_agents: next_page_offset {what} is no step forward")
             offset = following
 
 

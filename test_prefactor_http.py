@@ -3021,7 +3021,7 @@ class BoundedAnswerTests(FaultTestCase):
     def test_json_values_are_bounded_and_a_big_bulk_answer_passes(self):
         with self.assertRaisesRegex(ph.PrefactorResponseContractError, "expected JSON") as caught:
             self.call(http_response(200, b'{"details":[' + b"{}," * 600_000 + b"0]}"))  # 1.8 MB, 90 MB as objects
-        self.assertIn("500000 values", str(caught.exception.cause))
+        self.assertIn("250000 values", str(caught.exception.cause))
         envelope = b'{"message": "m", "x": [' + b"0," * 510_000 + b"0]}"  # within the first MiB that is decoded
         with self.assertRaisesRegex(ph.PrefactorApiError, "ping: HTTP 500"):  # not "m": no envelope read
             self.call(http_response(500, envelope))
