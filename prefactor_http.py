@@ -782,10 +782,10 @@ def _json_default(value: Any) -> Any:
 
 _decode = json.JSONDecoder().decode
 _encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=_json_default).encode
-#: Bounds of a JSON answer. Depth: the C decoder recurses (deep enough, it crashes a process that raised
-#: its recursion limit). Values ("[", "{" and "," each): a 32 MiB body of "{}," is 900 MiB as objects;
-#: one takes 160 bytes at most, so ~40 MB, and the strings' text. 500 bulk outputs of 1 KB: ~20,000.
-_MAX_JSON_DEPTH, _MAX_JSON_VALUES = 500, 250_000
+#: Bounds of a JSON answer. Depth: the C decoder recurses, within the recursion limit (1,000 unless raised;
+#: raised, a deep body crashes the process). Values ("[", "{" and "," each): a 32 MiB body of "{}," is 900 MiB
+#: as objects; one takes 160 bytes at most, so ~40 MB, and the strings' text. 500 bulk outputs of 1 KB: ~20,000.
+_MAX_JSON_DEPTH, _MAX_JSON_VALUES = 1000, 250_000
 _JSON_STRING = re.compile(rb'"[^"]*"?')  # once escapes are gone; never fails, so never backtracks
 _DEPTH_STEP, _NOT_BRACKET = bytes.maketrans(b"[{]}", b"\1\1\xff\xff"), bytes(set(range(256)) - set(b"[{]}"))
 
@@ -793,7 +793,8 @@ _DEPTH_STEP, _NOT_BRACKET = bytes.maketrans(b"[{]}", b"\1\1\xff\xff"), bytes(set
 def _load_json(data: bytes) -> Any:
     """A JSON body's value; over a bound, a ValueError (counted when a cheap count says it may be)."""
     opens = data.count(b"[") + data.count(b"{")
-    if opens > _MAX_JSON_DEPTH or opens + data.count(b",") > _MAX_JSON_VALUES:
+    deep = opens > _MAX_JSON_DEPTH and sys.getrecursionlimit() > _MAX_JSON_DEPTH  # (else RecursionError stops it)
+    if deep or opens + data.count(b",") > _MAX_JSON_VALUES:
         from array import array
         from itertools import accumulate
 

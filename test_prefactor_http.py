@@ -3000,7 +3000,9 @@ class BoundedAnswerTests(FaultTestCase):
         self.assertEqual(ph._parse_iso.cache_info().currsize, 0)
 
     def test_json_nesting_is_bounded_whatever_the_recursion_limit(self):
-        deep = b'{"a":' * 600 + b"1" + b"}" * 600  # under the recursion limit, over ours
+        self.addCleanup(sys.setrecursionlimit, sys.getrecursionlimit())
+        sys.setrecursionlimit(5000)  # as some applications do
+        deep = b'{"a":' * 1500 + b"1" + b"}" * 1500  # under the recursion limit, over ours
         with self.assertRaisesRegex(ph.PrefactorResponseContractError, "expected JSON"):
             self.call(http_response(200, deep))
         brackets_in_strings = {"s": "[{" * 5000, "t": ["[\\", '"[', "]"] * 100}
