@@ -408,7 +408,7 @@ _FRACTION = re.compile(r"\.(\d+)")
 def _parse_datetime(value: Any, where: str) -> datetime:
     """An aware datetime from ISO-8601 with ``Z`` or an offset and 0-9 fraction
     digits; a naive one is taken as UTC."""
-    parsed = _parse_iso(value) if isinstance(value, str) else None
+    parsed = _parse_iso(value) if isinstance(value, str) and len(value) <= 64 else None  # longer: none, uncached
     if parsed is None:
         raise PrefactorResponseContractError(f"{where} is not an ISO-8601 timestamp")  # unquoted: it may be a secret
     return parsed
@@ -766,6 +766,28 @@ def _json_default(value: Any) -> Any:
 
 _decode = json.JSONDecoder().decode
 _encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=_json_default).encode
+#: Bounds of a JSON answer. Depth: the C decoder recurses, within the recursion limit (1,000 unless raised;
+#: raised, a deep body crashes the process). Values ("[", "{" and "," each): a 32 MiB body of "{}," is 900 MiB
+#: as objects; one takes 160 bytes at most, so ~40 MB, and the strings' text. 500 bulk outputs of 1 KB: ~20,000.
+_MAX_JSON_DEPTH, _MAX_JSON_VALUES = 1000, 250_000
+_JSON_STRING = re.compile(rb'"[^"]*"?')  # once escapes are gone; never fails, so never backtracks
+_DEPTH_STEP, _NOT_BRACKET = bytes.maketrans(b"[{]}", b"\1\1\xff\xff"), bytes(set(range(256)) - set(b"[{]}"))
+
+
+def _load_json(data: bytes) -> Any:
+    """A JSON body's value; over a bound, a ValueError (counted when a cheap count says it may be)."""
+    opens = data.count(b"[") + data.count(b"{")
+    deep = opens > _MAX_JSON_DEPTH and sys.getrecursionlimit() > _MAX_JSON_DEPTH  # (else RecursionError stops it)
+    if deep or opens + data.count(b",") > _MAX_JSON_VALUES:
+        from array import array
+        from itertools import accumulate
+
+        text = data.replace(b"\\\\", b"").replace(b'\\"', b"")  # escapes gone: each '"' opens or closes a string
+        text = _JSON_STRING.sub(b"", text, 2 * _MAX_JSON_VALUES + 2)  # a piece each; more strings need more values
+        steps = array("b", text.translate(_DEPTH_STEP, _NOT_BRACKET))  # +1 at each "[" or "{", -1 at its end
+        if sum(map(text.count, b"[{,")) > _MAX_JSON_VALUES or max(accumulate(steps), default=0) > _MAX_JSON_DEPTH:
+            raise ValueError(f"JSON of over {_MAX_JSON_VALUES} values or {_MAX_JSON_DEPTH} levels deep refused")
+    return _decode(data.decode())
 
 
 def _encode_body(body: Any, operation: str) -> bytes:
@@ -936,35 +958,50 @@ def _open_socket(address: tuple[str, int], timeout: float, deadline: float) -> _
 
 
 _getaddrinfo = socket.getaddrinfo  # replaceable in tests by a resolver that never answers
+_lookups: dict[tuple[str, int], list[Any]] = {}  # (host, port) -> [result, thread] of the last lookup
 
 
 def _resolve(host: str, port: int, deadline: float) -> list[Any]:
-    """getaddrinfo (which has no timeout) in a daemon thread, waited for until the deadline."""
+    """getaddrinfo (which has no timeout) in a daemon thread, waited for until the deadline; one
+    under way is waited for again, not repeated (a resolver that never answers: one thread)."""
     try:
         return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
     except socket.gaierror:
-        result: list[Any] = [socket.timeout(f"cannot resolve {host} in time")]
-
-    def resolve() -> None:
+        lookup = _lookups.get((host, port))
+    if lookup is None or not lookup[1].is_alive():
+        lookup = [socket.timeout(f"cannot resolve {host} in time")]
+        lookup.append(threading.Thread(target=_lookup, args=(host, port, lookup), daemon=True))
         try:
-            result[0] = _getaddrinfo(host, port, 0, socket.SOCK_STREAM)
-        except BaseException as exc:  # handed to the caller
-            result[0] = exc
+            lookup[1].start()
+        except RuntimeError:  # no thread to be had (a memory-capped container)
+            raise OSError(f"cannot start a thread to resolve {host}") from None
+        _lookups[host, port] = lookup
+    lookup[1].join(max(deadline - _monotonic(), 0))
+    if isinstance(lookup[0], BaseException):
+        raise lookup[0]
+    return lookup[0]  # type: ignore[no-any-return]
 
-    thread = threading.Thread(target=resolve, daemon=True)
-    thread.start()
-    thread.join(max(deadline - _monotonic(), 0))
-    if isinstance(result[0], BaseException):
-        raise result[0]
-    return result[0]  # type: ignore[no-any-return]
+
+def _lookup(host: str, port: int, lookup: list[Any]) -> None:
+    try:
+        lookup[0] = _getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    except BaseException as exc:  # handed to the callers
+        lookup[0] = exc
 
 
 def _proxy_for(scheme: str, host: str, port: int) -> str | None:
     """The proxy URL for a request, read from the environment as curl does. NO_PROXY
-    entries: a name (and its subdomains) or an IP, with an optional port (``[::1]:443``)."""
+    entries: a name (and its subdomains) or an IP, with an optional port (``[::1]:443``),
+    or an IP range (``10.0.0.0/8``, as requests reads it)."""
     env = os.environ
-    no_proxy = env.get("no_proxy", env.get("NO_PROXY", ""))
+    no_proxy = env.get("no_proxy") or env.get("NO_PROXY", "")  # an empty one does not hide the other
     for entry in no_proxy.replace(" ", "").lower().split(","):
+        if "/" in entry:
+            from ipaddress import ip_address, ip_network
+
+            with suppress(ValueError):  # the host is a name, or the range is no range
+                if ip_address(host) in ip_network(entry, strict=False):
+                    return None
         with_port = entry.count(":") == 1 or (entry.startswith("[") and "]:" in entry)  # not "::1"
         name, _, entry_port = entry.rpartition(":") if with_port else (entry, "", "")
         name = name.strip("[]").lstrip(".")
@@ -1001,6 +1038,8 @@ class _Transport:
             if self.proxy_auth:
                 headers = [*headers, ("Proxy-Authorization", self.proxy_auth)]
         self.head = "".join(f"{k}: {v}\r\n" for k, v in [("Host", self.authority), *headers]).encode()
+        auth = f"Proxy-Authorization: {self.proxy_auth}\r\n" if self.proxy_auth else ""  # made once: no call holds it
+        self.connect = f"CONNECT {self.target} HTTP/1.1\r\nHost: {self.target}\r\n{auth}\r\n".encode()
         self._local = threading.local()  # a thread's connection, closed when the thread ends
         self._lock = threading.Lock()
         self._open: dict[Any, Any] = {}  # socket -> reader, for close(); not the connections themselves
@@ -1009,8 +1048,8 @@ class _Transport:
     def _use_proxy(self, url: str) -> None:
         try:  # urlsplit's and .port's own errors may quote the password; an unencoded '/?#' ends it early
             proxy: Any = urlsplit(url if "://" in url else "http://" + url)
-            self.proxy = (proxy.hostname, proxy.port or 8080)
-            valid = proxy.scheme == "http" and proxy.hostname and "@" not in proxy.path + proxy.query + proxy.fragment
+            self.proxy = (proxy.hostname, 8080 if proxy.port is None else proxy.port)
+            valid = proxy.scheme == "http" and all(self.proxy) and "@" not in proxy.path + proxy.query + proxy.fragment
         except ValueError:
             proxy = valid = None
         if not valid:
@@ -1040,11 +1079,10 @@ class _Transport:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.proxy and self.tls:
-                auth = f"Proxy-Authorization: {self.proxy_auth}\r\n" if self.proxy_auth else ""
-                sock.sendall(f"CONNECT {self.target} HTTP/1.1\r\nHost: {self.target}\r\n{auth}\r\n".encode())
-                with sock.makefile("rb") as reader:  # nothing follows the answer until TLS starts
+                sock.sendall(self.connect)
+                with sock.makefile("rb") as reader:  # nothing follows the answer until TLS starts; no body is read
                     answer, _ = _read_response(reader, "CONNECT")
-                if answer.status != 200:  # a 407 (credentials) or 403 is not fixed by trying again
+                if answer.status // 100 != 2:  # a 407 (credentials) or 403 is not fixed by trying again
                     why = self.redact(f"{answer.status} {answer.reason}")
                     text = f"proxy {self.proxy[0]}:{self.proxy[1]} refused the tunnel to {self.target}: {why}"
                     raise PrefactorConnectionError(text, transient=_transient_status(answer.status))
@@ -1076,10 +1114,12 @@ class _Transport:
             reader.close()
             sock.close()
 
-    def redact(self, text: str) -> str:
-        """The text without secrets; a longer one than _MAX_QUOTED (a body) is cut, less a margin for a cut secret."""
-        redacted = _redactor(*self.secrets).sub("[REDACTED]", text[:_MAX_QUOTED])
-        return redacted if len(text) <= _MAX_QUOTED else redacted[:-64]
+    def redact(self, text: str | bytes) -> str:
+        """The text (a body: UTF-8) without secrets; over _MAX_QUOTED, cut, less a margin for a cut secret."""
+        cut, text = len(text) > _MAX_QUOTED, text[:_MAX_QUOTED]
+        text = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+        redacted = _redactor(*self.secrets).sub("[REDACTED]", text)
+        return redacted[:-64] if cut else redacted
 
     def round_trip(
         self, method: str, path: str, head: bytes, body: bytes | None, deadline: float, timeout_text: str
@@ -1119,18 +1159,20 @@ class _Transport:
                     f" (limit {_MAX_RESPONSE_BYTES} bytes)",
                     status_code=exc.args[0],
                 ) from None
-            if not isinstance(exc, (OSError, ValueError)):
+            if not isinstance(exc, (OSError, ValueError, MemoryError)):
                 raise
-            error = self._translate(exc, method, path, timeout_text)
+            where = f"{method} {path}"
+            if self.proxy and (conn is None or not self.tls):  # it came from talking to the proxy
+                where += ": proxy {}:{}".format(*self.proxy)
+            error = self._translate(exc, where, timeout_text)
             error._unsent = conn is None  # failed while connecting: nothing of the request left
             error._stale = reused and not answered and not isinstance(error, PrefactorTimeoutError)
             raise error from exc
 
-    def _translate(self, exc: BaseException, method: str, path: str, timeout_text: str) -> PrefactorConnectionError:
+    def _translate(self, exc: BaseException, where: str, timeout_text: str) -> PrefactorConnectionError:
         """Map one socket, ssl or parsing failure to our errors (it stays the cause, redacted)."""
         exc.args = tuple(self.redact(a) if isinstance(a, str) else a for a in exc.args)
-        exc.__cause__ = exc.__context__ = None  # a parse error's cause holds the raw bytes
-        where = f"{method} {path}"
+        exc.__cause__ = exc.__context__ = exc.__traceback__ = None  # a parse error's cause, its frames hold raw bytes
         name = type(exc).__name__
         if isinstance(exc, socket.timeout) or name == "TimeoutError":
             return PrefactorTimeoutError(f"{where}: {timeout_text}")
@@ -1141,11 +1183,10 @@ class _Transport:
                 transient=False,
             )
         host, port = self.proxy or (self.host, self.port)
-        via = "proxy " if self.proxy else ""
         if isinstance(exc, socket.gaierror):
-            return PrefactorConnectionError(f"{where}: cannot resolve {via}{host}: {exc}")
+            return PrefactorConnectionError(f"{where}: cannot resolve {host}: {exc}")
         if isinstance(exc, ConnectionRefusedError):
-            return PrefactorConnectionError(f"{where}: connection refused by {via}{host}:{port}")
+            return PrefactorConnectionError(f"{where}: connection refused by {host}:{port}")
         if isinstance(exc, _CutShort):
             return PrefactorConnectionError(f"{where}: {exc}")
         if isinstance(exc, ValueError):
@@ -1155,18 +1196,22 @@ class _Transport:
 
 @lru_cache(maxsize=8)  # made on the first error, not at start
 def _redactor(*secrets: str) -> re.Pattern[str]:
-    """One pattern for the secrets, each character as it is or JSON- or %-escaped:
-    the whole secret or (cut by a length limit) its first 8 or more characters; a
-    secret under 4 characters only where it is not part of a longer word."""
+    """One pattern for the secrets, each character as it is, JSON-escaped (its UTF-16
+    code units) or %-escaped (its UTF-8 bytes): the whole secret or (cut by a length
+    limit) its first half, 4 to 8 characters, or more; a secret under 4 characters
+    only where it is not part of a longer word."""
 
     def unit(c: str) -> str:
-        return f"(?:{re.escape(c)}|\\\\u(?i:{ord(c):04x})|%(?i:{ord(c):02x})|\\\\{re.escape(c)})"
+        escaped = "".join(f"\\\\u{unit}" for unit in re.findall("....", c.encode("utf-16-be").hex()))  # 1 or 2 units
+        utf8 = "".join(f"%{byte:02x}" for byte in c.encode())
+        return f"(?:{re.escape(c)}|(?i:{escaped}|{utf8})|\\\\{re.escape(c)})"
 
     patterns = []
     for secret in filter(None, secrets):
-        head = "".join(map(unit, secret[:8]))
-        rest = "[" + re.escape("".join(set(secret[8:]))) + "]|\\\\u[0-9a-fA-F]{4}|%[0-9a-fA-F]{2}|\\\\."
-        patterns.append(f"(?<!\\w){head}(?!\\w)" if len(secret) < 4 else head + f"(?:{rest})*" * (len(secret) > 8))
+        n = min(8, max(4, len(secret) // 2))
+        head = "".join(map(unit, secret[:n]))
+        rest = "[" + re.escape("".join(set(secret[n:]))) + "]|\\\\u[0-9a-fA-F]{4}|%[0-9a-fA-F]{2}|\\\\."
+        patterns.append(f"(?<!\\w){head}(?!\\w)" if len(secret) < 4 else head + f"(?:{rest})*" * (len(secret) > n))
     return re.compile("|".join(patterns))
 
 
@@ -1272,7 +1317,7 @@ def _read_response(reader: Any, method: str) -> tuple[_Response, bytes]:
     will_close = "close" in connection or (status_line[1] == b"0" and "keep-alive" not in connection)
     response = _Response(status, (status_line[3] or b"").strip().decode("latin-1"), headers, will_close)
     coding, length = headers.get("transfer-encoding"), headers.get("content-length")
-    if method == "HEAD" or status in (204, 304) or (method == "CONNECT" and status == 200):
+    if method in ("HEAD", "CONNECT") or status in (204, 304):  # CONNECT: a refusal's body is not waited for
         response.will_close |= status in (204, 304) and (coding is not None or length not in (None, "0"))
         return response, b""
     if coding is not None:
@@ -1636,9 +1681,8 @@ class _Agents(_Group):
             if following is None or not page.summaries:
                 return
             if not isinstance(following, int) or following <= (offset or 0):
-                raise PrefactorResponseContractError(
-                    f"agents.list_agents: next_page_offset {following!r} does not move forward"
-                )
+                what = following if isinstance(following, int) else type(following).__name__  # a str may be a secret
+                raise PrefactorResponseContractError(f"agents.list_agents: next_page_offset {what} is no step forward")
             offset = following
 
 
@@ -1656,7 +1700,8 @@ class _Bulk(_Group):
         response: BulkResponse = _build(BulkResponse, data, "bulk.execute response")
         if not isinstance(response.outputs, dict):
             raise PrefactorResponseContractError("bulk.execute: 'outputs' is not an object")
-        response.outputs = {k: _build(BulkOutput, v, f"outputs[{k!r}]") for k, v in response.outputs.items()}
+        items = enumerate(response.outputs.items())  # named by index: a key sent back may be a secret
+        response.outputs = {k: _build(BulkOutput, v, f"outputs[{i}]") for i, (k, v) in items}
         return response
 
 
@@ -1832,8 +1877,9 @@ class PrefactorHttpClient:
             limit = "total_timeout" if deadline == total_deadline else "request_timeout"
             timeout_text = f"no answer within {limit}={getattr(config, limit)}s"  # config may change between calls
             try:
-                response, data = self._transport.round_trip(method, path, head, payload, deadline, timeout_text)
-                result = self._interpret(response, data, method, path)
+                status, result = self._interpret(  # the body goes straight in: no local here holds it
+                    *self._transport.round_trip(method, path, head, payload, deadline, timeout_text), method, path
+                )
             except PrefactorHttpError as error:
                 self._log(method, path, attempt, began, error)
                 if error._stale and free:  # a kept-alive connection had died: send again at once
@@ -1853,7 +1899,7 @@ class PrefactorHttpClient:
                     raise PrefactorClientError("the client was closed during the call") from error
                 attempt += 1
                 continue
-            self._log(method, path, attempt, began, response.status)
+            self._log(method, path, attempt, began, status)
             return result
 
     def _retry_delay(self, error: PrefactorHttpError, attempt: int, total_deadline: float) -> float | None:
@@ -1876,26 +1922,29 @@ class PrefactorHttpClient:
             return None
         return delay
 
-    def _interpret(self, response: _Response, data: bytes, method: str, path: str) -> dict[str, Any]:
-        status, redact = response.status, self._transport.redact
+    def _interpret(self, response: _Response, data: bytes, method: str, path: str) -> tuple[int, dict[str, Any]]:
+        """A 2xx answer's status and JSON object, or our error, raised with no local holding the body."""
+        status, redact, headers = response.status, self._transport.redact, response.headers
+        kind = headers.get("content-type") or "no content type"
         if 200 <= status < 300:
             try:
-                result = _decode(data.decode())
-            except (ValueError, RecursionError, MemoryError) as exc:  # not JSON, nested too deep, too many values:
+                result = _load_json(data)
+            except (ValueError, RecursionError, MemoryError) as exc:  # not JSON, too deep, too many values:
                 # the error holds the raw body (.doc, .object), so it is neither kept nor chained
                 result = ValueError(redact(str(exc)))
             if isinstance(result, dict):
-                return result
+                return status, result
             cause = result if isinstance(result, ValueError) else None
-            quoted = _snippet(redact(data.decode("utf-8", "replace")))
-            kind = response.headers.get("content-type") or "no type"
+            quoted = _snippet(redact(data))
             expected = f"JSON, got {kind}: {quoted}" if cause else f"a JSON object, got {type(result).__name__}"
+            del data, result
             raise PrefactorResponseContractError(
                 redact(f"{method} {path}: expected {expected}"), status_code=status, body_snippet=quoted, cause=cause
             )
-        text = redact(data.decode("utf-8", "replace"))
+        text = redact(data)
+        del data
         try:
-            envelope = _decode(text)
+            envelope = _load_json(text.encode())
         except (ValueError, RecursionError, MemoryError):
             envelope = None
         snippet = None if isinstance(envelope, dict) else _snippet(text)
@@ -1904,12 +1953,11 @@ class PrefactorHttpClient:
         if status == 407 and self._transport.proxy:  # the proxy's own answer (plain HTTP through it)
             message = "{} {}: proxy {}:{} asks for credentials (407)".format(method, path, *self._transport.proxy)
         if not message and 300 <= status < 400:
-            target = _snippet(redact(response.headers.get("location") or "?"))
+            target = _snippet(redact(headers.get("location") or "?"))
             message = f"{method} {path}: redirect to {target} not followed"
         if not message:
-            kind = response.headers.get("content-type") or "no content type"
             message = f"{method} {path}: HTTP {status} ({kind})" + (f": {snippet}" if snippet else "")
-        retry_after = _parse_retry_after(response.headers.get("retry-after"))
+        retry_after = _parse_retry_after(headers.get("retry-after"))
         cls = _STATUS_ERRORS.get(status, PrefactorApiError)
         code, errors = str(envelope.get("code") or "unknown"), envelope.get("errors")
         raise cls(redact(str(message)), code, status, errors, retry_after=retry_after, body_snippet=snippet)

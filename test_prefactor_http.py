@@ -11,6 +11,7 @@ Run: ``python3 -m unittest -v`` (nothing to install) or ``pytest``.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import gc
 import http.client
@@ -2503,6 +2504,22 @@ def everything_shown(exc: BaseException, seen: set | None = None) -> str:
     return "\n".join(parts)
 
 
+def module_frame_locals(call) -> str:
+    """The locals of the module's frames in the traceback of ``call()``'s error recorded with
+    them (as Sentry does: TracebackException(capture_locals=True)), causes and contexts too.
+    Not through assertRaises: it clears the frames."""
+    import traceback
+
+    try:
+        call()
+    except ph.PrefactorHttpError as exc:
+        shown, seen = [str(exc)], traceback.TracebackException.from_exception(exc, capture_locals=True)
+    while seen is not None:
+        shown += [repr(frame.locals) for frame in seen.stack if os.path.basename(frame.filename) == "prefactor_http.py"]
+        seen = seen.__cause__ or seen.__context__
+    return "\n".join(shown)  # (unbound if nothing was raised: the test fails)
+
+
 class SecretWalkTests(FaultTestCase):
     SECRET = "sk/live+0123456789abcdef"  # a '/' and a '+', as base64 tokens have
 
@@ -2574,6 +2591,58 @@ class SecretWalkTests(FaultTestCase):
         self.assert_hidden(seen)
         self.assertIn("inserted_at is not an ISO-8601 timestamp", seen)
 
+    def test_server_values_in_a_success_are_not_quoted(self):
+        bulk = {"status": "success", "outputs": {self.SECRET: 1}}
+        page = {"summaries": [{"id": "a"}], "pagination": {"next_page_offset": self.SECRET}}
+        item = {"_type": "agents/create", "idempotency_key": "key-00000001", "details": {"name": "n"}}
+        for body, call in ((bulk, lambda client: client.bulk.execute([item])),
+                           (page, lambda client: list(client.agents.iter_agents()))):  # fmt: skip
+            with self.subTest(body=body):
+                server = self.serve([("reply", http_response(200, body))])
+                self.assert_hidden(self.shown(server.url, call=call))
+
+    def test_a_traceback_with_locals_shows_no_secret(self):
+        echo = self.SECRET.encode()
+        for answer in (http_response(401, b'{"message": "token %s"}' % echo),
+                       http_response(200, b"<p>%s</p>" % echo, {"Content-Type": "text/html"}),
+                       b"HTTP/1.1 abc " + echo + b"\r\n\r\n"):  # fmt: skip
+            with self.subTest(answer=answer):
+                server = self.serve([("reply", answer)])
+                client = PrefactorHttpClient(HttpClientConfig(server.url, self.SECRET, max_retries=0, trust_env=False))
+                self.addCleanup(client.close)
+                shown = module_frame_locals(client.validate_token)
+                self.assertIn("'path': \"'/api/v1/ping'\"", shown)  # the frames' locals are there
+                self.assertNotIn(self.SECRET, shown)
+        proxy = self.serve([("reply", b"HTTP/1.1 407 Who are you\r\nContent-Length: 0\r\n\r\n")])
+        os.environ["HTTPS_PROXY"] = f"http://user:{self.SECRET.replace('/', '%2F')}@127.0.0.1:{proxy.port}"
+        self.addCleanup(clean_env)
+        client, _ = self.client("https://api.example.com", trust_env=True, max_retries=0)
+        shown = module_frame_locals(client.validate_token)
+        self.assertIn("refused the tunnel", shown)
+        self.assertNotIn(base64.b64encode(f"user:{self.SECRET}".encode()).decode(), shown)
+
+    def test_a_non_ascii_proxy_password_is_redacted_in_every_escape(self):
+        from urllib.parse import quote
+
+        password = "\U0001f600\u00e4\u00f6\u00fc-geheim"  # an emoji (two UTF-16 units), umlauts (two UTF-8 bytes)
+        forms = [password, json.dumps(password)[1:-1], quote(password, safe=""), quote(password, safe="").lower()]
+        body = json.dumps({"message": " | ".join(forms)}).encode()
+        proxy = self.serve([("reply", http_response(403, body))])
+        os.environ["HTTP_PROXY"] = f"http://user:{quote(password, safe='')}@127.0.0.1:{proxy.port}"
+        self.addCleanup(clean_env)
+        seen = self.shown("http://api.example.com", trust_env=True)
+        self.assertEqual([form for form in forms if form[:6] in seen], [])
+        self.assertIn("[REDACTED] | [REDACTED]", seen)
+
+    def test_half_of_a_short_token_is_redacted(self):
+        for token in ("abcdef123456", "abcd1234"):
+            with self.subTest(token=token):
+                half = token[: len(token) // 2]
+                server = self.serve([("reply", http_response(401, b'{"message": "token %s..."}' % half.encode()))])
+                seen = self.shown(server.url, secret=token)
+                self.assertNotIn(half, seen)
+                self.assertIn("[REDACTED]...", seen)
+
     def test_short_proxy_passwords_are_redacted_and_a_407_names_the_proxy_once(self):
         for password in ("p", "pw", "pwd"):
             with self.subTest(password=password):
@@ -2597,6 +2666,7 @@ class BlockingResolver:
         self.release = threading.Event()
         test.addCleanup(self.release.set)
         test.addCleanup(setattr, ph, "_getaddrinfo", getattr(ph, "_getaddrinfo", socket.getaddrinfo))
+        test.addCleanup(ph._lookups.clear)  # a lookup left pending is not waited for by the next test
         ph._getaddrinfo = self
 
     def __call__(self, host, *args):
@@ -2626,12 +2696,36 @@ class ResolverTests(FaultTestCase):
             client.agent_instances.get("inst-1")
         self.assertEqual(resolver.calls, ["localhost"])
 
+    def test_a_lookup_that_never_ends_is_waited_for_again_not_repeated(self):
+        resolver = BlockingResolver(self, hang=("hang.test",))
+        client, _ = self.client("http://hang.test:9", max_retries=0, request_timeout=0.05)
+        for _ in range(4):
+            with self.assertRaises(ph.PrefactorTimeoutError):
+                client.validate_token()
+        self.assertEqual(resolver.calls, ["hang.test"])  # one thread, not one per attempt
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "needs RLIMIT_AS and /proc")
+    def test_no_thread_for_a_lookup_is_our_error(self):
+        script = """if True:
+            import resource, prefactor_http as ph
+            config = ph.HttpClientConfig("http://unresolved.test", "t", trust_env=False, max_retries=0)
+            client = ph.PrefactorHttpClient(config)
+            size = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmSize"))
+            resource.setrlimit(resource.RLIMIT_AS, (size * 1024 + (4 << 20), resource.RLIM_INFINITY))  # no stack
+            try:
+                client.validate_token()
+            except BaseException as error:
+                print(type(error).__name__, error)
+        """
+        result = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True)
+        self.assertIn("PrefactorConnectionError GET /api/v1/ping: OSError: cannot start a thread", result.stdout)
+
     def test_a_proxy_that_does_not_resolve_is_named(self):
         BlockingResolver(self, missing=("proxy.invalid",))
         self.addCleanup(clean_env)
         os.environ["HTTPS_PROXY"] = "http://proxy.invalid:3128"
         client, _ = self.client("https://api.example.com", trust_env=True, max_retries=0)
-        with self.assertRaisesRegex(ph.PrefactorConnectionError, "cannot resolve proxy proxy.invalid"):
+        with self.assertRaisesRegex(ph.PrefactorConnectionError, "proxy.invalid:3128: cannot resolve proxy.invalid"):
             client.validate_token()
 
 
@@ -2679,6 +2773,46 @@ class ProxyTests(FaultTestCase):
             with self.subTest(no_proxy=no_proxy, host=host, port=port):
                 os.environ["NO_PROXY"] = no_proxy
                 self.assertEqual(ph._proxy_for("https", host, port) is not None, proxied)
+
+    def test_a_refused_connect_is_never_read_for_a_body(self):
+        refusal = b"HTTP/1.1 407 Who are you\r\nProxy-Authenticate: Basic realm=x\r\n\r\nauth needed"  # to the close
+        proxy = self.serve([("reply", refusal)])  # the connection stays open
+        os.environ["HTTPS_PROXY"] = f"http://127.0.0.1:{proxy.port}"
+        client, sleeps = self.client("https://api.example.com", trust_env=True, request_timeout=1)
+        with self.assertRaisesRegex(ph.PrefactorConnectionError, "refused the tunnel .*: 407 Who are you"):
+            client.validate_token()
+        self.assertEqual((proxy.connections, sleeps), (1, []))
+
+    def test_a_proxy_failing_the_connect_is_named(self):
+        for script in ([("drop_after",)], [("reset",)], [("truncate", b"SSH-2.0-OpenSSH\r\n")], [("stall",)]):
+            with self.subTest(script[0][0]):
+                proxy = self.serve(script)
+                os.environ["HTTPS_PROXY"] = f"http://127.0.0.1:{proxy.port}"
+                client, _ = self.client("https://api.example.com", trust_env=True, max_retries=0, request_timeout=0.3)
+                with self.assertRaisesRegex(ph.PrefactorConnectionError, f"proxy 127.0.0.1:{proxy.port}: "):
+                    client.validate_token()
+
+    def test_no_proxy_takes_ip_ranges_and_an_empty_lowercase_variable_hides_nothing(self):
+        os.environ["HTTPS_PROXY"] = "http://proxy:3128"
+        cases = [
+            ({"NO_PROXY": "127.0.0.0/8"}, "127.0.0.1", False),
+            ({"NO_PROXY": "10.0.0.0/8, ::1/128"}, "::1", False),
+            ({"NO_PROXY": "127.0.0.0/8"}, "128.0.0.1", True),
+            ({"NO_PROXY": "127.0.0.0/8"}, "localhost", True),
+            ({"NO_PROXY": "127.0.0.0/33"}, "127.0.0.1", True),
+            ({"no_proxy": "", "NO_PROXY": "127.0.0.1"}, "127.0.0.1", False),
+        ]
+        for env, host, proxied in cases:
+            with self.subTest(env=env, host=host):
+                os.environ.pop("no_proxy", None)
+                os.environ.update(env)
+                self.assertEqual(ph._proxy_for("https", host, 443) is not None, proxied)
+
+    def test_a_proxy_port_of_0_is_refused_unshown(self):
+        os.environ["HTTPS_PROXY"] = "http://user:hunter2secret@127.0.0.1:0"
+        with self.assertRaisesRegex(ValueError, "proxy URL") as caught:
+            make_client("https://api.example.com", trust_env=True)
+        self.assertNotIn("hunter2secret", everything_shown(caught.exception))
 
     def test_a_password_with_an_unencoded_character_is_refused_unshown(self):
         for password in ("Qz7/Kx9w", "46/83", "Qz7#Kx9w", "Qz7?Kx9w", "Qz7/Kx9w:Vb2", "[Qz7:Kx9w]"):
@@ -3774,6 +3908,75 @@ class StrictReaderTests(FaultTestCase):
         self.assert_rejected(b"HTTP/1.1 100 Continue\r\n\r\n" * 11 + http_response(), "interim")
         answer = b"HTTP/1.1 100 Continue\r\n\r\n" * 9 + b"HTTP/1.1 199 X\r\n\r\n" + http_response(200, {})
         self.assertEqual(parse(answer)[:2][1], b"{}")
+
+
+class BoundedAnswerTests(FaultTestCase):
+    """Memory and the C stack stay bounded whatever a 2xx or error body holds (attack 1)."""
+
+    def call(self, answer, call=PrefactorHttpClient.validate_token):
+        server = self.serve([("reply", answer)])
+        client, _ = self.client(server.url, max_retries=0)
+        return call(client)
+
+    def test_a_long_timestamp_is_not_cached(self):
+        ph._parse_iso.cache_clear()
+        answer = http_response(200, ok_body(inserted_at="2024-01-01T00:00:00" + "0" * 100_000))
+        with self.assertRaisesRegex(ph.PrefactorResponseContractError, "inserted_at is not an ISO-8601 timestamp"):
+            self.call(answer, lambda client: client.agent_instances.get("inst-1"))
+        self.assertEqual(ph._parse_iso.cache_info().currsize, 0)
+
+    def test_json_nesting_is_bounded_whatever_the_recursion_limit(self):
+        self.addCleanup(sys.setrecursionlimit, sys.getrecursionlimit())
+        sys.setrecursionlimit(5000)  # as some applications do
+        deep = b'{"a":' * 1500 + b"1" + b"}" * 1500  # under the recursion limit, over ours
+        with self.assertRaisesRegex(ph.PrefactorResponseContractError, "expected JSON"):
+            self.call(http_response(200, deep))
+        brackets_in_strings = {"s": "[{" * 5000, "t": ["[\\", '"[', "]"] * 100}
+        self.assertEqual(self.call(http_response(200, brackets_in_strings)), brackets_in_strings)
+        script = """if True:
+            import sys, test_prefactor_http as t
+            server = t.FaultServer([("reply", t.http_response(200, b"[" * 4_000_000))])
+            client, _ = t.make_client(server.url, max_retries=0)
+            sys.setrecursionlimit(1_000_000)  # the C decoder would overflow the C stack
+            try:
+                client.validate_token()
+            except BaseException as error:
+                print(type(error).__name__)
+        """
+        result = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True)
+        self.assertEqual((result.returncode, result.stdout), (0, "PrefactorResponseContractError\n"), result.stderr)
+
+    def test_json_values_are_bounded_and_a_big_bulk_answer_passes(self):
+        with self.assertRaisesRegex(ph.PrefactorResponseContractError, "expected JSON") as caught:
+            self.call(http_response(200, b'{"details":[' + b"{}," * 600_000 + b"0]}"))  # 1.8 MB, 90 MB as objects
+        self.assertIn("250000 values", str(caught.exception.cause))
+        envelope = b'{"message": "m", "x": [' + b"0," * 510_000 + b"0]}"  # within the first MiB that is decoded
+        with self.assertRaisesRegex(ph.PrefactorApiError, "ping: HTTP 500"):  # not "m": no envelope read
+            self.call(http_response(500, envelope))
+        output = {"status": "success", "details": {"id": "s", "payload": {f"k{i}": "v" * 20 for i in range(30)}}}
+        outputs = {f"key-{i:08d}": output for i in range(2500)}  # 5 times 500 outputs of ~1 KB
+        self.assertEqual(len(self.call(http_response(200, {"status": "success", "outputs": outputs}))["outputs"]), 2500)
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "needs RLIMIT_AS and /proc")
+    def test_memory_pressure_is_our_error_not_memory_error(self):
+        script = """if True:
+            import resource, test_prefactor_http as t
+            for status, body, headroom in ((200, b"x" * (32 << 20), 16), (500, "\U0001f600".encode() * (30 << 18), 60)):
+                server = t.FaultServer([("reply", t.http_response(status, body, {}))])
+                client, _ = t.make_client(server.url, max_retries=0)
+                size = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmSize"))
+                resource.setrlimit(resource.RLIMIT_AS, (size * 1024 + (headroom << 20), resource.RLIM_INFINITY))
+                try:
+                    client.validate_token()
+                except BaseException as error:
+                    print(type(error).__name__)
+                resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+                client.close()
+                server.close()
+        """
+        env = {**os.environ, "MALLOC_ARENA_MAX": "1"}  # thread arenas would take the headroom
+        result = subprocess.run([sys.executable, "-c", script], cwd=HERE, env=env, capture_output=True, text=True)
+        self.assertEqual(result.stdout.split(), ["PrefactorConnectionError", "PrefactorApiError"], result.stderr)
 
 
 # ---------------------------------------------------------------------------- #
