@@ -967,7 +967,7 @@ def _resolve(host: str, port: int, deadline: float) -> list[Any]:
     try:
         return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
     except socket.gaierror:
-        lookup = _lookups.get((host, port))
+        lookup: list[Any] | None = _lookups.get((host, port))
     if lookup is None or not lookup[1].is_alive():
         lookup = [socket.timeout(f"cannot resolve {host} in time")]
         lookup.append(threading.Thread(target=_lookup, args=(host, port, lookup), daemon=True))
