@@ -1858,23 +1858,18 @@ class PrefactorHttpClient:
 
     def _retry_delay(self, error: PrefactorHttpError, attempt: int, total_deadline: float) -> float | None:
         """Seconds to wait before the next attempt, or None: raise ``error`` now."""
+        config = self.config
         if isinstance(error, PrefactorConnectionError):
-            if not error.transient:
-                return None
-        elif (
-            not isinstance(error, (PrefactorApiError, PrefactorResponseContractError))
-            or error.status_code not in self.config.retry_on_status_codes
-        ):
-            return None
+            retryable = error.transient
+        else:  # an error answer (API or contract) whose status the config lists; any other error is not
+            retryable = getattr(error, "status_code", None) in config.retry_on_status_codes
         retry_after = getattr(error, "retry_after", None)
-        if retry_after is not None and retry_after > self.config.max_retry_delay:
-            return None  # the server asks for more patience than we were given
-        if attempt >= self.config.max_retries:
+        if not retryable or (retry_after is not None and retry_after > config.max_retry_delay):
+            return None  # not retryable, or the server asks for more patience than we were given
+        if attempt >= config.max_retries:
             return 0.0  # retryable, but the attempts are spent: the caller decides
-        delay = _backoff(self.config, attempt, self._random) if retry_after is None else retry_after
-        if _monotonic() + delay >= total_deadline:
-            return None
-        return delay
+        delay = _backoff(config, attempt, self._random) if retry_after is None else retry_after
+        return None if _monotonic() + delay >= total_deadline else delay
 
     def _interpret(self, response: _Response, data: bytes, method: str, path: str) -> dict[str, Any]:
         status, redact = response.status, self._transport.redact
@@ -1959,8 +1954,7 @@ class _Stop(threading.Event):
         self.thread = threading.get_ident()  # before the check below: cancel() then sees it
         _CALL.stop = self
         try:
-            if self.is_set():  # cancelled as it left the queue
-                raise PrefactorClientError("the call was cancelled (or its client closed)")
+            _CALL.sleep(0)  # raises if cancelled as it left the queue
             return function(*args, **kwargs)
         finally:
             del _CALL.stop
