@@ -89,7 +89,7 @@ import socket
 import sys
 import threading
 import time
-from contextlib import suppress
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property, lru_cache, update_wrapper
@@ -2135,6 +2135,13 @@ class _Reject(Exception):
 _TERMINAL = ("complete", "failed", "cancelled", "terminated")
 
 
+def _find(records: dict[str, dict[str, Any]], record_id: str, what: str) -> dict[str, Any]:
+    """The stored instance, span or agent with this id, or the stand-in's 404."""
+    if record_id not in records:
+        raise _Reject(404, "not_found", f"{what} {record_id} not found")
+    return records[record_id]
+
+
 class LocalApiServer:
     """An in-process stand-in for the Prefactor API on 127.0.0.1 (a free port).
 
@@ -2227,9 +2234,7 @@ class LocalApiServer:
     ) -> None:
         """Answer the next ``times`` requests (on ``path``, or any) with ``status``."""
         with self._lock:
-            self._faults.append(
-                {"kind": "status", "status": status, "times": times, "retry_after": retry_after, "path": path}
-            )
+            self._faults.append(dict(kind="status", status=status, times=times, retry_after=retry_after, path=path))
 
     def drop_next(self, times: int = 1, *, when: str = "before", path: str | None = None) -> None:
         """Close the connection of the next ``times`` requests without answering:
@@ -2310,11 +2315,6 @@ class LocalApiServer:
         return answer
 
     # -- endpoints -----------------------------------------------------------------
-    def _instance(self, instance_id: str) -> dict[str, Any]:
-        if instance_id not in self.instances:
-            raise _Reject(404, "not_found", f"agent instance {instance_id} not found")
-        return self.instances[instance_id]
-
     def _count(self, span: dict[str, Any], old: str | None) -> None:
         """Keep the instance's span_counts current as a span is created or finished."""
         counts = self.instances[span["agent_instance_id"]]["span_counts"]
@@ -2347,17 +2347,17 @@ class LocalApiServer:
             "quality_summaries": {},
         }
         self.instances[instance["id"]] = instance
-        return {"status": "success", "details": self._instance(instance["id"])}
+        return {"status": "success", "details": instance}
 
     def _start(self, body: dict[str, Any], query: Any, instance_id: str) -> dict[str, Any]:
-        instance = self._instance(instance_id)
+        instance = _find(self.instances, instance_id, "agent instance")
         if instance["status"] != "pending":
             raise _Reject(409, "invalid_action", f"cannot start an instance that is {instance['status']}")
         instance.update(status="active", started_at=body.get("timestamp") or _now_text(), updated_at=_now_text())
         return {"status": "success", "details": instance}
 
     def _finish_instance(self, body: dict[str, Any], query: Any, instance_id: str) -> dict[str, Any]:
-        instance = self._instance(instance_id)
+        instance = _find(self.instances, instance_id, "agent instance")
         if instance["status"] in _TERMINAL:
             raise _Reject(409, "invalid_action", f"agent instance is already {instance['status']}")
         if instance["status"] != "active":
@@ -2371,10 +2371,10 @@ class LocalApiServer:
         return {"status": "success", "details": instance}
 
     def _get_instance(self, body: Any, query: Any, instance_id: str) -> dict[str, Any]:
-        return {"status": "success", "details": self._instance(instance_id)}
+        return {"status": "success", "details": _find(self.instances, instance_id, "agent instance")}
 
     def _record_quality(self, body: dict[str, Any], query: Any, instance_id: str) -> dict[str, Any]:
-        instance = self._instance(instance_id)
+        instance = _find(self.instances, instance_id, "agent instance")
         name = body.get("name")
         if not isinstance(name, str) or not name:
             raise _Reject(422, "validation_error", "name is required", {"name": ["is required"]})
@@ -2401,7 +2401,7 @@ class LocalApiServer:
             problems["status"] = ["is invalid"]
         if problems:
             raise _Reject(422, "validation_error", "invalid span", problems)
-        instance = self._instance(details["agent_instance_id"])
+        instance = _find(self.instances, details["agent_instance_id"], "agent instance")
         now = _now_text()
         span = {
             "type": "agent_span",
@@ -2426,9 +2426,7 @@ class LocalApiServer:
         return self._control(instance["id"], {"status": "success", "details": span})
 
     def _finish_span(self, body: dict[str, Any], query: Any, span_id: str) -> dict[str, Any]:
-        span = self.spans.get(span_id)
-        if span is None:
-            raise _Reject(404, "not_found", f"agent span {span_id} not found")
+        span = _find(self.spans, span_id, "agent span")
         old, status = span["status"], body.get("status") or "complete"
         if old in _TERMINAL:
             raise _Reject(409, "invalid_action", f"agent span is already {old}")
@@ -2444,11 +2442,6 @@ class LocalApiServer:
 
     def _ping(self, body: Any, query: Any) -> dict[str, Any]:
         return {"status": "success"}
-
-    def _agent(self, agent_id: str) -> dict[str, Any]:
-        if agent_id not in self.agents:
-            raise _Reject(404, "not_found", f"agent {agent_id} not found")
-        return self.agents[agent_id]
 
     def _create_agent(self, body: dict[str, Any], query: Any) -> dict[str, Any]:
         details = body.get("details")
@@ -2468,10 +2461,10 @@ class LocalApiServer:
         return {"status": "success", "details": agent}
 
     def _agent_by_id(self, body: dict[str, Any], query: Any, agent_id: str) -> dict[str, Any]:
-        return {"status": "success", "details": self._agent(agent_id)}
+        return {"status": "success", "details": _find(self.agents, agent_id, "agent")}
 
     def _update_agent(self, body: dict[str, Any], query: Any, agent_id: str) -> dict[str, Any]:
-        agent = self._agent(agent_id)
+        agent = _find(self.agents, agent_id, "agent")
         details = body.get("details") or {}
         if "external_identifier" in details:
             raise _Reject(422, "validation_error", "external_identifier cannot be changed")
@@ -2479,10 +2472,10 @@ class LocalApiServer:
         return {"status": "success", "details": agent}
 
     def _delete_agent(self, body: dict[str, Any], query: Any, agent_id: str) -> dict[str, Any]:
-        return {"status": "success", "details": self.agents.pop(self._agent(agent_id)["id"])}
+        return {"status": "success", "details": self.agents.pop(_find(self.agents, agent_id, "agent")["id"])}
 
     def _agent_action(self, body: dict[str, Any], query: Any, agent_id: str, action: str) -> dict[str, Any]:
-        agent = self._agent(agent_id)
+        agent = _find(self.agents, agent_id, "agent")
         wanted = "retired" if action == "retire" else "active"
         if agent["status"] == wanted:
             raise _Reject(409, "invalid_action", f"agent is already {wanted}")
@@ -2599,8 +2592,8 @@ def _cli_failure(error: BaseException) -> tuple[int, str]:
 def _cli_demo(args: Any) -> int:
     """Run one agent lifecycle and print it as a tree with timings."""
     local = None if args.api_url or os.environ.get("PREFACTOR_API_URL") else LocalApiServer()
-    try:
-        config = _cli_config(args, local and local.start())
+    with local or nullcontext():  # the stand-in stops however the demo ends
+        config = _cli_config(args, local)
         if local is not None:
             print(f"No API configured: using a local stand-in at {local.url}\n")
         with PrefactorHttpClient(config) as client:
@@ -2630,9 +2623,6 @@ def _cli_demo(args: Any) -> int:
             run_ms = (_monotonic() - began) * 1000
             finished = client.agent_instances.finish(inst.id, "complete")
             total = (_monotonic() - began) * 1000
-    finally:
-        if local is not None:
-            local.stop()
     print(f"agent instance {inst.id}  {finished.status}  {total:.1f} ms")
     print(f"└─ agent:run  {run.id}  {run_done.status}  {run_ms:.1f} ms")
     print("\n".join(tree))
@@ -2696,7 +2686,7 @@ def _cli_send(args: Any) -> int:
     def flush() -> None:
         outputs: dict[str, Any] = {}
         try:
-            if chunk and not stop:
+            if chunk:
                 outputs = client.bulk.execute([item for _, _, item in chunk]).outputs
         except PrefactorHttpError as exc:
             code, message = _cli_failure(exc)
