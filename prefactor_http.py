@@ -386,16 +386,12 @@ class HttpClientConfig:
     def from_env(cls, **overrides: Any) -> HttpClientConfig:
         """Build from ``PREFACTOR_API_URL`` and ``PREFACTOR_API_TOKEN``; keyword
         arguments override them and set any other field."""
-        values = {
-            "api_url": os.environ.get("PREFACTOR_API_URL", ""),
-            "api_token": os.environ.get("PREFACTOR_API_TOKEN", ""),
-            **overrides,
-        }
-        if not values["api_url"]:
-            raise ValueError("api_url is required: set PREFACTOR_API_URL or pass api_url=")
-        if not values["api_token"]:
-            raise ValueError("api_token is required: set PREFACTOR_API_TOKEN or pass api_token=")
-        return cls(**values)
+        for name in ("api_url", "api_token"):
+            variable = "PREFACTOR_" + name.upper()
+            overrides.setdefault(name, os.environ.get(variable, ""))
+            if not overrides[name]:
+                raise ValueError(f"{name} is required: set {variable} or pass {name}=")
+        return cls(**overrides)
 
 
 # ============================================================================ #
