@@ -2219,10 +2219,8 @@ class LocalApiServer:
 
     def config(self, **overrides: Any) -> HttpClientConfig:
         """A config for this server; retry delays are short unless overridden."""
-        values = dict(
-            api_url=self.url, api_token=self.token, trust_env=False, initial_retry_delay=0.01, max_retry_delay=0.5
-        )
-        return HttpClientConfig(**{**values, **overrides})
+        fast = {"trust_env": False, "initial_retry_delay": 0.01, "max_retry_delay": 0.5}
+        return HttpClientConfig(**{"api_url": self.url, "api_token": self.token, **fast, **overrides})
 
     # -- faults ----------------------------------------------------------------
     def fail_next(
