@@ -89,7 +89,7 @@ import socket
 import sys
 import threading
 import time
-from contextlib import suppress
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property, lru_cache, update_wrapper
@@ -386,16 +386,12 @@ class HttpClientConfig:
     def from_env(cls, **overrides: Any) -> HttpClientConfig:
         """Build from ``PREFACTOR_API_URL`` and ``PREFACTOR_API_TOKEN``; keyword
         arguments override them and set any other field."""
-        values = {
-            "api_url": os.environ.get("PREFACTOR_API_URL", ""),
-            "api_token": os.environ.get("PREFACTOR_API_TOKEN", ""),
-            **overrides,
-        }
-        if not values["api_url"]:
-            raise ValueError("api_url is required: set PREFACTOR_API_URL or pass api_url=")
-        if not values["api_token"]:
-            raise ValueError("api_token is required: set PREFACTOR_API_TOKEN or pass api_token=")
-        return cls(**values)
+        for name in ("api_url", "api_token"):
+            variable = "PREFACTOR_" + name.upper()
+            overrides.setdefault(name, os.environ.get(variable, ""))
+            if not overrides[name]:
+                raise ValueError(f"{name} is required: set {variable} or pass {name}=")
+        return cls(**overrides)
 
 
 # ============================================================================ #
@@ -1904,23 +1900,18 @@ class PrefactorHttpClient:
 
     def _retry_delay(self, error: PrefactorHttpError, attempt: int, total_deadline: float) -> float | None:
         """Seconds to wait before the next attempt, or None: raise ``error`` now."""
+        config = self.config
         if isinstance(error, PrefactorConnectionError):
-            if not error.transient:
-                return None
-        elif (
-            not isinstance(error, (PrefactorApiError, PrefactorResponseContractError))
-            or error.status_code not in self.config.retry_on_status_codes
-        ):
-            return None
+            retryable = error.transient
+        else:  # an error answer (API or contract) whose status the config lists; any other error is not
+            retryable = getattr(error, "status_code", None) in config.retry_on_status_codes
         retry_after = getattr(error, "retry_after", None)
-        if retry_after is not None and retry_after > self.config.max_retry_delay:
-            return None  # the server asks for more patience than we were given
-        if attempt >= self.config.max_retries:
+        if not retryable or (retry_after is not None and retry_after > config.max_retry_delay):
+            return None  # not retryable, or the server asks for more patience than we were given
+        if attempt >= config.max_retries:
             return 0.0  # retryable, but the attempts are spent: the caller decides
-        delay = _backoff(self.config, attempt, self._random) if retry_after is None else retry_after
-        if _monotonic() + delay >= total_deadline:
-            return None
-        return delay
+        delay = _backoff(config, attempt, self._random) if retry_after is None else retry_after
+        return None if _monotonic() + delay >= total_deadline else delay
 
     def _interpret(self, response: _Response, data: bytes, method: str, path: str) -> tuple[int, dict[str, Any]]:
         """A 2xx answer's status and JSON object, or our error, raised with no local holding the body."""
@@ -2007,8 +1998,7 @@ class _Stop(threading.Event):
         self.thread = threading.get_ident()  # before the check below: cancel() then sees it
         _CALL.stop = self
         try:
-            if self.is_set():  # cancelled as it left the queue
-                raise PrefactorClientError("the call was cancelled (or its client closed)")
+            _CALL.sleep(0)  # raises if cancelled as it left the queue
             return function(*args, **kwargs)
         finally:
             del _CALL.stop
@@ -2189,6 +2179,13 @@ class _Reject(Exception):
 _TERMINAL = ("complete", "failed", "cancelled", "terminated")
 
 
+def _find(records: dict[str, dict[str, Any]], record_id: str, what: str) -> dict[str, Any]:
+    """The stored instance, span or agent with this id, or the stand-in's 404."""
+    if record_id not in records:
+        raise _Reject(404, "not_found", f"{what} {record_id} not found")
+    return records[record_id]
+
+
 class LocalApiServer:
     """An in-process stand-in for the Prefactor API on 127.0.0.1 (a free port).
 
@@ -2270,10 +2267,8 @@ class LocalApiServer:
 
     def config(self, **overrides: Any) -> HttpClientConfig:
         """A config for this server; retry delays are short unless overridden."""
-        values = dict(
-            api_url=self.url, api_token=self.token, trust_env=False, initial_retry_delay=0.01, max_retry_delay=0.5
-        )
-        return HttpClientConfig(**{**values, **overrides})
+        fast = {"trust_env": False, "initial_retry_delay": 0.01, "max_retry_delay": 0.5}
+        return HttpClientConfig(**{"api_url": self.url, "api_token": self.token, **fast, **overrides})
 
     # -- faults ----------------------------------------------------------------
     def fail_next(
@@ -2281,9 +2276,7 @@ class LocalApiServer:
     ) -> None:
         """Answer the next ``times`` requests (on ``path``, or any) with ``status``."""
         with self._lock:
-            self._faults.append(
-                {"kind": "status", "status": status, "times": times, "retry_after": retry_after, "path": path}
-            )
+            self._faults.append(dict(kind="status", status=status, times=times, retry_after=retry_after, path=path))
 
     def drop_next(self, times: int = 1, *, when: str = "before", path: str | None = None) -> None:
         """Close the connection of the next ``times`` requests without answering:
@@ -2364,11 +2357,6 @@ class LocalApiServer:
         return answer
 
     # -- endpoints -----------------------------------------------------------------
-    def _instance(self, instance_id: str) -> dict[str, Any]:
-        if instance_id not in self.instances:
-            raise _Reject(404, "not_found", f"agent instance {instance_id} not found")
-        return self.instances[instance_id]
-
     def _count(self, span: dict[str, Any], old: str | None) -> None:
         """Keep the instance's span_counts current as a span is created or finished."""
         counts = self.instances[span["agent_instance_id"]]["span_counts"]
@@ -2401,17 +2389,17 @@ class LocalApiServer:
             "quality_summaries": {},
         }
         self.instances[instance["id"]] = instance
-        return {"status": "success", "details": self._instance(instance["id"])}
+        return {"status": "success", "details": instance}
 
     def _start(self, body: dict[str, Any], query: Any, instance_id: str) -> dict[str, Any]:
-        instance = self._instance(instance_id)
+        instance = _find(self.instances, instance_id, "agent instance")
         if instance["status"] != "pending":
             raise _Reject(409, "invalid_action", f"cannot start an instance that is {instance['status']}")
         instance.update(status="active", started_at=body.get("timestamp") or _now_text(), updated_at=_now_text())
         return {"status": "success", "details": instance}
 
     def _finish_instance(self, body: dict[str, Any], query: Any, instance_id: str) -> dict[str, Any]:
-        instance = self._instance(instance_id)
+        instance = _find(self.instances, instance_id, "agent instance")
         if instance["status"] in _TERMINAL:
             raise _Reject(409, "invalid_action", f"agent instance is already {instance['status']}")
         if instance["status"] != "active":
@@ -2425,10 +2413,10 @@ class LocalApiServer:
         return {"status": "success", "details": instance}
 
     def _get_instance(self, body: Any, query: Any, instance_id: str) -> dict[str, Any]:
-        return {"status": "success", "details": self._instance(instance_id)}
+        return {"status": "success", "details": _find(self.instances, instance_id, "agent instance")}
 
     def _record_quality(self, body: dict[str, Any], query: Any, instance_id: str) -> dict[str, Any]:
-        instance = self._instance(instance_id)
+        instance = _find(self.instances, instance_id, "agent instance")
         name = body.get("name")
         if not isinstance(name, str) or not name:
             raise _Reject(422, "validation_error", "name is required", {"name": ["is required"]})
@@ -2455,7 +2443,7 @@ class LocalApiServer:
             problems["status"] = ["is invalid"]
         if problems:
             raise _Reject(422, "validation_error", "invalid span", problems)
-        instance = self._instance(details["agent_instance_id"])
+        instance = _find(self.instances, details["agent_instance_id"], "agent instance")
         now = _now_text()
         span = {
             "type": "agent_span",
@@ -2480,9 +2468,7 @@ class LocalApiServer:
         return self._control(instance["id"], {"status": "success", "details": span})
 
     def _finish_span(self, body: dict[str, Any], query: Any, span_id: str) -> dict[str, Any]:
-        span = self.spans.get(span_id)
-        if span is None:
-            raise _Reject(404, "not_found", f"agent span {span_id} not found")
+        span = _find(self.spans, span_id, "agent span")
         old, status = span["status"], body.get("status") or "complete"
         if old in _TERMINAL:
             raise _Reject(409, "invalid_action", f"agent span is already {old}")
@@ -2498,11 +2484,6 @@ class LocalApiServer:
 
     def _ping(self, body: Any, query: Any) -> dict[str, Any]:
         return {"status": "success"}
-
-    def _agent(self, agent_id: str) -> dict[str, Any]:
-        if agent_id not in self.agents:
-            raise _Reject(404, "not_found", f"agent {agent_id} not found")
-        return self.agents[agent_id]
 
     def _create_agent(self, body: dict[str, Any], query: Any) -> dict[str, Any]:
         details = body.get("details")
@@ -2522,10 +2503,10 @@ class LocalApiServer:
         return {"status": "success", "details": agent}
 
     def _agent_by_id(self, body: dict[str, Any], query: Any, agent_id: str) -> dict[str, Any]:
-        return {"status": "success", "details": self._agent(agent_id)}
+        return {"status": "success", "details": _find(self.agents, agent_id, "agent")}
 
     def _update_agent(self, body: dict[str, Any], query: Any, agent_id: str) -> dict[str, Any]:
-        agent = self._agent(agent_id)
+        agent = _find(self.agents, agent_id, "agent")
         details = body.get("details") or {}
         if "external_identifier" in details:
             raise _Reject(422, "validation_error", "external_identifier cannot be changed")
@@ -2533,10 +2514,10 @@ class LocalApiServer:
         return {"status": "success", "details": agent}
 
     def _delete_agent(self, body: dict[str, Any], query: Any, agent_id: str) -> dict[str, Any]:
-        return {"status": "success", "details": self.agents.pop(self._agent(agent_id)["id"])}
+        return {"status": "success", "details": self.agents.pop(_find(self.agents, agent_id, "agent")["id"])}
 
     def _agent_action(self, body: dict[str, Any], query: Any, agent_id: str, action: str) -> dict[str, Any]:
-        agent = self._agent(agent_id)
+        agent = _find(self.agents, agent_id, "agent")
         wanted = "retired" if action == "retire" else "active"
         if agent["status"] == wanted:
             raise _Reject(409, "invalid_action", f"agent is already {wanted}")
@@ -2653,8 +2634,8 @@ def _cli_failure(error: BaseException) -> tuple[int, str]:
 def _cli_demo(args: Any) -> int:
     """Run one agent lifecycle and print it as a tree with timings."""
     local = None if args.api_url or os.environ.get("PREFACTOR_API_URL") else LocalApiServer()
-    try:
-        config = _cli_config(args, local and local.start())
+    with local or nullcontext():  # the stand-in stops however the demo ends
+        config = _cli_config(args, local)
         if local is not None:
             print(f"No API configured: using a local stand-in at {local.url}\n")
         with PrefactorHttpClient(config) as client:
@@ -2684,9 +2665,6 @@ def _cli_demo(args: Any) -> int:
             run_ms = (_monotonic() - began) * 1000
             finished = client.agent_instances.finish(inst.id, "complete")
             total = (_monotonic() - began) * 1000
-    finally:
-        if local is not None:
-            local.stop()
     print(f"agent instance {inst.id}  {finished.status}  {total:.1f} ms")
     print(f"└─ agent:run  {run.id}  {run_done.status}  {run_ms:.1f} ms")
     print("\n".join(tree))
@@ -2750,7 +2728,7 @@ def _cli_send(args: Any) -> int:
     def flush() -> None:
         outputs: dict[str, Any] = {}
         try:
-            if chunk and not stop:
+            if chunk:
                 outputs = client.bulk.execute([item for _, _, item in chunk]).outputs
         except PrefactorHttpError as exc:
             code, message = _cli_failure(exc)
