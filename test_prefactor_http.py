@@ -1114,6 +1114,10 @@ class LifecycleTests(ApiTestCase):
 PFID = r"[0-7][0-9abcdefghjkmnpqrstvwxyz]{31}"
 
 
+def pfid_value(text: str) -> int:
+    return int(text.translate(str.maketrans("abcdefghjkmnpqrstvwxyz", "abcdefghijklmnopqrstuv")), 32)
+
+
 def call_raw(api, method, path, body=None, *, token=TOKEN, data=None):
     """One request to ``api`` through http.client: (status, headers, parsed JSON body)."""
     conn = http.client.HTTPConnection("127.0.0.1", int(api.url.rsplit(":", 1)[1]), timeout=10)
@@ -1172,6 +1176,10 @@ class PublicSurfaceTests(ApiTestCase):
             self.assertEqual(self.client.agent_spans.finish(span.id, status).status, status)
             other = self.active_instance()
             self.assertEqual(self.client.agent_instances.finish(other.id, status).status, status)
+            with self.assertRaisesRegex(ph.PrefactorConflictError, f"agent span is already {status}"):
+                self.client.agent_spans.finish(span.id)
+            with self.assertRaisesRegex(ph.PrefactorConflictError, f"agent instance is already {status}"):
+                self.client.agent_instances.finish(other.id)
 
 
 class LimitTests(FaultTestCase):
@@ -1266,6 +1274,8 @@ class LocalApiServerContractTests(ApiTestCase):
             ["failed", {"error": "boom"}, "2026-01-02T03:04:06.000000Z"],
         )
         self.client.agent_spans.create(chosen.id, "s", "active")
+        closed = self.client.agent_spans.create(chosen.id, "s", "cancelled", started_at=at, finished_at=ended)
+        self.assertEqual(self.api.spans[closed.id]["finished_at"], "2026-01-02T03:04:06.000000Z")
         self.client.agent_instances.record_quality(chosen.id, "q1", {"score": 1})
         self.client.agent_instances.record_quality(chosen.id, "q2", {"score": 2})
         self.client.agent_instances.record_quality(chosen.id, "q1", None)
@@ -1273,10 +1283,11 @@ class LocalApiServerContractTests(ApiTestCase):
         finished = self.client.agent_instances.finish(chosen.id, timestamp=ended)
         self.assertEqual((finished.status, stored["finished_at"]), ("complete", "2026-01-02T03:04:06.000000Z"))
         self.assertEqual(
-            stored["span_counts"], {"total": 2, "active": 1, "complete": 0, "failed": 1, "cancelled": 0, "finished": 1}
+            stored["span_counts"], {"total": 3, "active": 1, "complete": 0, "failed": 1, "cancelled": 1, "finished": 2}
         )
 
-        status, _, body = call_raw(self.api, "POST", "/api/v1/agent", {"details": {"name": "a"}})
+        status, headers, body = call_raw(self.api, "POST", "/api/v1/agent", {"details": {"name": "a"}})
+        self.assertEqual(headers["Content-Type"], "application/json")
         agent = body["details"]
         self.assertEqual(
             set(agent),
@@ -1292,6 +1303,12 @@ class LocalApiServerContractTests(ApiTestCase):
         self.assert_recent(agent["inserted_at"])
         ids += [agent["id"], span.id]
         self.assertTrue(set("".join(ids)) & set("13579bdfhkn"), ids)  # random bits use the whole alphabet
+        values = [pfid_value(value) for value in ids]
+        now_ms = time.time() * 1000
+        for value in values:  # 48-bit milliseconds first (ids sort by time), then random bits
+            self.assertLess(abs((value >> 112) - now_ms), 60_000)
+        self.assertEqual(len({value & (2**112 - 1) for value in values}), len(ids))
+        self.assertEqual(self.client.agents.show(agent_id=agent["id"]).id, agent["id"])
         for method, path in (("GET", f"/api/v1/agent/{agent['id']}"), ("GET", "/api/v1/agent_instance/inst-chosen")):
             self.assertEqual(call_raw(self.api, method, path)[2]["status"], "success")
         for action in ("retire", "reinstate"):
@@ -1323,6 +1340,8 @@ class LocalApiServerContractTests(ApiTestCase):
             ("POST", "/api/v1/agent_spans", {}, 422, "validation_error", "details is required", {"details": required}),
             ("POST", "/api/v1/agent_spans", bad_span, 422, "validation_error", "invalid span",
              {"agent_instance_id": required, "schema_name": required, "status": ["is invalid"]}),
+            ("POST", "/api/v1/agent_spans", {"details": {"agent_instance_id": active.id, "schema_name": "s"}}, 422,
+             "validation_error", "invalid span", {"status": required}),
             ("POST", "/api/v1/agent_spans/nope/finish", {}, 404, "not_found", "agent span nope not found", None),
             ("POST", f"/api/v1/agent_spans/{done.id}/finish", {}, 409, "invalid_action",
              "agent span is already complete", None),
@@ -1421,17 +1440,32 @@ class LocalApiServerContractTests(ApiTestCase):
             self.addCleanup(client.close)
             return client
 
-        self.api.drop_next(when="before")
+        def answer_to_register(instance_id):  # every byte the server sends back, to its close
+            body = json.dumps({"agent_version": {}, "id": instance_id}).encode()
+            with socket.create_connection(("127.0.0.1", int(self.api.url.rsplit(":", 1)[1])), timeout=10) as sock:
+                sock.sendall(
+                    b"POST /api/v1/agent_instance/register HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                    + TOKEN.encode() + b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+                )  # fmt: skip
+                return b"".join(iter(lambda: sock.recv(65536), b""))
+
+        self.api.drop_next()  # before processing, once
         stderr = io.StringIO()
-        with contextlib.redirect_stderr(stderr), self.assertRaises(ph.PrefactorConnectionError):
-            fresh().agent_instances.register({"name": "v"}, agent_id="a", id="inst-before")
-        self.assertNotIn("inst-before", self.api.instances)  # closed before processing
-        self.assertEqual(stderr.getvalue(), "")  # and quietly: no traceback in the user's test output
+        with contextlib.redirect_stderr(stderr):
+            self.assertEqual(answer_to_register("inst-before"), b"")
+        self.assertEqual(stderr.getvalue(), "")  # quietly: no traceback in the user's test output
+        self.assertEqual(set(self.api.instances), {inst.id})  # closed before processing
+        self.assertEqual(fresh().agent_instances.get(inst.id).id, inst.id)  # times=1: the next one is answered
         self.api.drop_next(when="after", path="/api/v1/agent_instance/register")
         once.agent_instances.get(inst.id)  # another path: answered
-        with self.assertRaises(ph.PrefactorConnectionError):
-            fresh().agent_instances.register({"name": "v"}, agent_id="a", id="inst-after")
+        with contextlib.redirect_stderr(stderr):
+            self.assertEqual(answer_to_register("inst-after"), b"")
         self.assertIn("inst-after", self.api.instances)  # processed, the answer lost
+        self.assertEqual(stderr.getvalue(), "")
+        self.api.drop_next(when="after")
+        with self.assertRaises(ph.PrefactorConnectionError):  # a client on a new connection sees it fail
+            fresh().agent_instances.register({"name": "v"}, agent_id="a", id="inst-after-2")
+        self.assertIn("inst-after-2", self.api.instances)
         with self.assertRaisesRegex(ValueError, "when must be"):
             self.api.drop_next(when="later")
 
@@ -1502,11 +1536,26 @@ class LocalApiServerContractTests(ApiTestCase):
         self.assertEqual(
             ([a["name"] for a in last["summaries"]], last["pagination"]["next_page_offset"]), (["a2"], None)
         )
-        self.assertEqual(call_raw(self.api, "GET", "/api/v1/agent")[2]["pagination"]["page_size"], 20)
+        whole = call_raw(self.api, "GET", path.replace("=2", "=3"))[2]  # exactly one page: no next page
+        self.assertEqual((len(whole["summaries"]), whole["pagination"]["next_page_offset"]), (3, None))
+        default = call_raw(self.api, "GET", "/api/v1/agent")[2]
+        self.assertEqual((len(default["summaries"]), default["pagination"]["page_offset"]), (4, 0))
+        self.assertEqual(default["pagination"]["page_size"], 20)
         for query, names in (("risk_profile_id=r2", ["a1"]), ("owner_person_id=o2", ["a2"]), ("team_id=t2", ["a3"])):
             self.assertEqual([a.name for a in self.client.agents.list_agents(**dict([query.split("=")]))], names)
 
-    def test_stop_ends_the_serving_thread(self):
+    def test_config_and_stop(self):
+        config = self.api.config(max_retries=1)
+        self.assertEqual(
+            (config.api_url, config.api_token, config.trust_env, config.initial_retry_delay, config.max_retry_delay),
+            (self.api.url, TOKEN, False, 0.01, 0.5),
+        )
+        self.assertEqual(config.max_retries, 1)
+        os.environ.update(HTTP_PROXY=api_gone_url(), ALL_PROXY=api_gone_url())
+        self.addCleanup(clean_env)
+        with PrefactorHttpClient(self.api.config()) as client:  # a proxy in the environment is not used
+            self.assertEqual(client.validate_token(), {"status": "success"})
+
         def serving():
             return {t for t in threading.enumerate() if t.name == "LocalApiServer"}
 
@@ -1514,7 +1563,14 @@ class LocalApiServerContractTests(ApiTestCase):
         api = LocalApiServer(token=TOKEN).start()
         started = serving() - before
         port = int(api.url.rsplit(":", 1)[1])
-        api.stop()
+        held = http.client.HTTPConnection("127.0.0.1", port, timeout=10)  # a kept-alive connection, left open
+        self.addCleanup(held.close)
+        held.request("GET", "/api/v1/ping", headers={"Authorization": f"Bearer {TOKEN}"})
+        self.assertEqual(held.getresponse().read(), b'{"status": "success"}')
+        stopping = threading.Thread(target=api.stop, daemon=True)
+        stopping.start()
+        stopping.join(10)
+        self.assertFalse(stopping.is_alive(), "stop() waits for a client's idle connection")
         api.stop()  # twice is fine
         self.assertEqual(len(started), 1)
         self.assertFalse(any(t.is_alive() for t in started))
