@@ -1596,7 +1596,9 @@ def strings_in(value):
 class CliOutputTests(unittest.TestCase):
     def test_demo_against_a_configured_api_prints_what_it_stored(self):
         with LocalApiServer(token=TOKEN) as api:
+            began = time.monotonic()
             out = run_cli_in(HERE, "demo", url=api.url)
+            wall_ms = (time.monotonic() - began) * 1000
         self.assertEqual(out.returncode, 0, out.stderr)
         (inst,) = api.instances.values()
         spans = {s["schema_name"]: s for s in api.spans.values()}
@@ -1616,6 +1618,7 @@ class CliOutputTests(unittest.TestCase):
         times = [float(re.fullmatch(pattern, line)[1]) for pattern, line in zip(patterns[:4], lines)]
         self.assertEqual(lines[4:], patterns[4:])
         self.assertGreater(min(times), 0)
+        self.assertLess(times[0], wall_ms)
         self.assertGreaterEqual(times[0], times[1])
         self.assertGreaterEqual(times[1], max(times[2:]))
         self.assertEqual((inst["status"], inst["purpose"]), ("complete", "smoke_test"))
@@ -1627,6 +1630,8 @@ class CliOutputTests(unittest.TestCase):
         self.assertEqual({t["name"] for t in types}, set(spans))  # it registers the span types it uses
         for span in api.spans.values():
             self.assertTrue(span["payload"] and span["result_payload"], span)
+        answers = [spans["agent:tool"]["result_payload"]["output"], spans["agent:run"]["result_payload"]["answer"]]
+        self.assertEqual(answers, [6 * 7] * 2)  # the tool answers the question the run was asked
         sent = [r["body"] for r in api.requests if r["body"]]
         self.assertNotIn("", list(strings_in(sent)))  # every key and text the demo sends says something
 
