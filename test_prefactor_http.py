@@ -1202,7 +1202,10 @@ class LimitTests(FaultTestCase):
             HttpClientConfig(api_url=api.url, api_token=TOKEN, default_idempotency_key="p" * 29)
         too_big = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 33554433\r\n\r\n{"
         not_json = http_response(200, b"<p>" + b"word " * 100 + b"</p>", {"Content-Type": "text/html"})
-        server = self.serve([("reply", too_big)], [("reply", not_json)])
+        head = b'{"code": "too_long", "message": "m", "pad": "'
+        over_a_mib = head + b" " * (1024 * 1024 + 8 - len(head)) + b'"}'  # its envelope lies past the first MiB
+        long_error = http_response(422, over_a_mib)
+        server = self.serve([("reply", too_big)], [("reply", not_json), ("reply", long_error)])
         bounded, _ = self.client(server.url, max_retries=0)
         with self.assertRaisesRegex(
             ph.PrefactorResponseContractError, r"33554433 bytes or more refused \(limit 33554432"
@@ -1211,6 +1214,9 @@ class LimitTests(FaultTestCase):
         with self.assertRaises(ph.PrefactorResponseContractError) as caught:
             bounded.validate_token()
         self.assertEqual(caught.exception.body_snippet, ("<p>" + "word " * 100)[:200] + "...")
+        with self.assertRaises(ph.PrefactorValidationError) as caught:
+            bounded.validate_token()
+        self.assertEqual(caught.exception.code, "unknown")  # an error body is read in its first MiB only
 
 
 class LocalApiServerContractTests(ApiTestCase):
