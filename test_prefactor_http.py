@@ -1181,6 +1181,34 @@ class PublicSurfaceTests(ApiTestCase):
             with self.assertRaisesRegex(ph.PrefactorConflictError, f"agent instance is already {status}"):
                 self.client.agent_instances.finish(other.id)
 
+    def test_each_endpoint_names_the_bad_argument_before_sending(self):
+        naive = datetime(2026, 1, 1)
+        instances, spans, agents = self.client.agent_instances, self.client.agent_spans, self.client.agents
+        cases = [
+            ("agent_version is required", lambda: instances.register(None)),
+            ("^timestamp must be timezone-aware", lambda: instances.finish("i", timestamp=naive)),
+            ("^agent_instance_id must be a non-empty id", lambda: instances.get(" ")),
+            ("^name must be a non-empty string", lambda: instances.record_quality("i", "", {})),
+            ("^agent_instance_id must be a non-empty id", lambda: spans.create(" ", "s", "active")),
+            ("^schema_name must be a non-empty string", lambda: spans.create("i", "", "active")),
+            ("^started_at must be timezone-aware", lambda: spans.create("i", "s", "active", started_at=naive)),
+            ("^finished_at must be timezone-aware", lambda: spans.create("i", "s", "active", finished_at=naive)),
+            ("^agent_span_id must be a non-empty id", lambda: spans.finish("..")),
+            ("^timestamp must be timezone-aware", lambda: spans.finish("s", timestamp=naive)),
+            ("^agent_id must be a non-empty id", lambda: agents.retire(".")),
+            (r"details\['name'\] is required", lambda: agents.create({"description": "d"})),
+            ("^details must be a dict, got str", lambda: agents.update("a", "d")),
+            ("^page_size must be an integer from 1 to 100, got 0", lambda: agents.list_agents(page_size=0)),
+            ("^page_size must be an integer from 1 to 100, got 101", lambda: agents.list_agents(page_size=101)),
+            ("^offset must be a non-negative integer, got -1", lambda: agents.list_agents(offset=-1)),
+        ]
+        for text, call in cases:
+            with self.subTest(text), self.assertRaisesRegex((ValueError, TypeError), text):
+                call()
+        self.assertEqual(self.api.requests, [])
+        self.assertEqual(len(agents.list_agents(offset=0, page_size=100)), 0)  # the edges themselves are fine
+        self.assertEqual(len(agents.list_agents(page_size=1)), 0)
+
 
 class LimitTests(FaultTestCase):
     def test_the_documented_limits_hold_at_their_edges(self):
