@@ -1680,8 +1680,19 @@ class CliOutputTests(unittest.TestCase):
             lines = [json.dumps({**item, "idempotency_key": f"chunk-key-{n:03d}"}).encode() + b"\n" for n in range(101)]
             api.fail_next(503, path="/api/v1/ping")
             ping = start_cli_in(folder, "ping", url=api.url)
-            send = start_cli_in(folder, "send", url=api.url)
+            env = {k: v for k, v in os.environ.items() if not k.startswith("PREFACTOR_")}
+            env.update(PYTHONPATH=HERE, PREFACTOR_API_URL=api.url, PREFACTOR_API_TOKEN=TOKEN)
+            terminal, tty = os.openpty()  # stderr is a terminal: send shows a progress line there
+            self.addCleanup(os.close, terminal)
+            pipe = subprocess.PIPE
+            command = [sys.executable, "-m", "prefactor_http", "send"]
+            send = subprocess.Popen(command, cwd=folder, env=env, stdin=pipe, stdout=pipe, stderr=tty)
+            os.close(tty)
             failed, sent = finish_cli(ping), finish_cli(send, b"".join(lines))
+            progress = b""
+            with contextlib.suppress(OSError):  # EIO once the child's end is closed and all is read
+                while select.select([terminal], [], [], 10)[0] and (piece := os.read(terminal, 65536)):
+                    progress += piece
             ok = run_cli_in(folder, "ping", url=api.url)
             url = api.url
         self.assertEqual((failed.returncode, failed.stdout), (1, b""))  # the API's error answer; not retried
@@ -1692,6 +1703,8 @@ class CliOutputTests(unittest.TestCase):
         pings = [r for r in api.requests if r["path"] == "/api/v1/ping"]
         self.assertEqual(len(pings), 2)
         self.assertEqual((sent.returncode, sent.stdout), (0, b"101 sent, 0 rejected\n"))
+        self.assertIn(b"\r\x1b[K100 sent, 0 rejected\r\x1b[K101 sent, 0 rejected", progress)
+        self.assertTrue(progress.endswith(b"\r\x1b[K"), progress)  # the progress line is cleared at the end
         bulks = [r["body"]["items"] for r in api.requests if r["path"] == "/api/v1/bulk"]
         self.assertEqual([len(items) for items in bulks], [100, 1])
         self.assertEqual(len(api.spans), 101)
