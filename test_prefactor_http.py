@@ -1614,6 +1614,30 @@ class LocalApiServerContractTests(ApiTestCase):
             socket.create_connection(("127.0.0.1", port), timeout=5).close()
 
 
+class ProxyVariableTests(ApiTestCase):
+    def test_every_proxy_variable_is_honoured_and_cgi_http_proxy_is_not(self):
+        proxy = FaultServer([("reply", http_response(200, {"status": "proxied"}))])
+        self.addCleanup(proxy.close)
+        self.addCleanup(os.environ.pop, "REQUEST_METHOD", None)
+        self.addCleanup(clean_env)
+        address = f"http://127.0.0.1:{proxy.port}"
+        for variables, through in (
+            ({"http_proxy": address}, True),
+            ({"HTTP_PROXY": address}, True),
+            ({"all_proxy": address}, True),
+            ({"ALL_PROXY": address}, True),
+            ({"HTTP_PROXY": address, "REQUEST_METHOD": "GET"}, False),  # a CGI request's Proxy: header
+            ({"http_proxy": address, "REQUEST_METHOD": "GET"}, True),
+        ):
+            with self.subTest(variables):
+                clean_env()
+                os.environ.pop("REQUEST_METHOD", None)
+                os.environ.update(variables)
+                with PrefactorHttpClient(self.api.config(trust_env=True)) as client:
+                    answer = client.validate_token()
+                self.assertEqual(answer["status"], "proxied" if through else "success")
+
+
 def strings_in(value):
     """Every key and string value in a JSON value."""
     if isinstance(value, dict):
