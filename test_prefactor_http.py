@@ -1636,6 +1636,11 @@ class ProxyVariableTests(ApiTestCase):
                 with PrefactorHttpClient(self.api.config(trust_env=True)) as client:
                     answer = client.validate_token()
                 self.assertEqual(answer["status"], "proxied" if through else "success")
+        for scheme in ("https", "socks5"):  # only a plain http:// proxy is spoken to
+            clean_env()
+            os.environ["HTTP_PROXY"] = f"{scheme}://127.0.0.1:{proxy.port}"
+            with self.subTest(scheme), self.assertRaisesRegex(ValueError, r"must be http://\[user:pass@\]host"):
+                PrefactorHttpClient(self.api.config(trust_env=True))
 
 
 def strings_in(value):
