@@ -1349,6 +1349,39 @@ class LocalApiServerContractTests(ApiTestCase):
             answer = call_raw(self.api, "POST", f"/api/v1/agent/{agent['id']}/{action}", {})[2]
             self.assertEqual((answer["status"], answer["details"]["id"]), ("success", agent["id"]))
 
+    def test_every_success_answer_has_the_success_envelope(self):
+        inst = self.register()
+        agent = {"name": "a", "id": "agent-chosen", "external_identifier": "ext-a"}
+        span = {"agent_instance_id": inst.id, "schema_name": "s", "status": "active", "id": "span-chosen"}
+        item = {"_type": "agents/list", "idempotency_key": "bulk-list-1"}
+        calls = [
+            ("POST", "/api/v1/agent", {"details": agent}, "details"),
+            ("PUT", "/api/v1/agent/agent-chosen", {"details": {"description": "d"}}, "details"),
+            ("GET", "/api/v1/agent/agent-chosen", None, "details"),
+            ("GET", "/api/v1/agent/show?external_identifier=ext-a", None, "details"),
+            ("GET", "/api/v1/agent/show?agent_id=agent-chosen", None, "details"),
+            ("POST", "/api/v1/agent/agent-chosen/retire", {}, "details"),
+            ("POST", "/api/v1/agent/agent-chosen/reinstate", {}, "details"),
+            ("GET", "/api/v1/agent", None, "summaries"),
+            ("POST", f"/api/v1/agent_instance/{inst.id}/start", {}, "details"),
+            ("POST", "/api/v1/agent_spans", {"details": span}, "details"),
+            ("POST", "/api/v1/agent_spans/span-chosen/finish", {}, "details"),
+            ("POST", f"/api/v1/agent_instance/{inst.id}/record_quality", {"name": "q", "payload": {}}, "details"),
+            ("POST", f"/api/v1/agent_instance/{inst.id}/finish", {}, "details"),
+            ("GET", f"/api/v1/agent_instance/{inst.id}", None, "details"),
+            ("POST", "/api/v1/bulk", {"items": [item]}, "outputs"),
+            ("DELETE", "/api/v1/agent/agent-chosen", {}, "details"),
+            ("GET", "/api/v1/ping", None, None),
+        ]
+        for method, path, body, part in calls:
+            with self.subTest(method=method, path=path):
+                status, _, answer = call_raw(self.api, method, path, body)
+                self.assertEqual((status, answer["status"]), (200, "success"))
+                self.assertEqual(set(answer) - {"pagination", "sorting"}, {"status"} | ({part} if part else set()))
+        self.assertEqual(self.api.instances[inst.id]["status"], "complete")
+        self.assertEqual(self.api.spans["span-chosen"]["status"], "complete")
+        self.assertEqual(self.api.agents, {})
+
     def test_error_answers_carry_the_status_code_and_message_of_the_api(self):
         pending = self.register()
         active = self.active_instance()
@@ -1698,7 +1731,7 @@ class CliOutputTests(unittest.TestCase):
         sent = [r["body"] for r in api.requests if r["body"]]
         self.assertNotIn("", list(strings_in(sent)))  # every key and text the demo sends says something
 
-    def test_ping_makes_one_attempt_and_send_chunks_by_100(self):
+    def test_ping_makes_one_attempt_and_send_sends_chunks_of_100(self):
         folder = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, folder)
         with LocalApiServer(token=TOKEN) as api:
@@ -1706,7 +1739,7 @@ class CliOutputTests(unittest.TestCase):
                 inst = client.agent_instances.register({"name": "v"}, agent_id="a")
                 client.agent_instances.start(inst.id)
             item = {"_type": "agent_spans/create", "agent_instance_id": inst.id, "schema_name": "s", "status": "active"}
-            lines = [json.dumps({**item, "idempotency_key": f"chunk-key-{n:03d}"}).encode() + b"\n" for n in range(101)]
+            lines = [json.dumps({**item, "idempotency_key": f"chunk-key-{n:03d}"}).encode() + b"\n" for n in range(200)]
             api.fail_next(503, path="/api/v1/ping")
             ping = start_cli_in(folder, "ping", url=api.url)
             env = {k: v for k, v in os.environ.items() if not k.startswith("PREFACTOR_")}
@@ -1731,35 +1764,41 @@ class CliOutputTests(unittest.TestCase):
         self.assertRegex(ok.stdout.decode(), rf"^ok: {re.escape(url)} accepted the token in \d+\.\d ms\n$")
         pings = [r for r in api.requests if r["path"] == "/api/v1/ping"]
         self.assertEqual(len(pings), 2)
-        self.assertEqual((sent.returncode, sent.stdout), (0, b"101 sent, 0 rejected\n"))
-        self.assertIn(b"\r\x1b[K100 sent, 0 rejected\r\x1b[K101 sent, 0 rejected", progress)
+        self.assertEqual((sent.returncode, sent.stdout), (0, b"200 sent, 0 rejected\n"))
+        self.assertIn(b"\r\x1b[K100 sent, 0 rejected\r\x1b[K200 sent, 0 rejected", progress)
         self.assertTrue(progress.endswith(b"\r\x1b[K"), progress)  # the progress line is cleared at the end
         bulks = [r["body"]["items"] for r in api.requests if r["path"] == "/api/v1/bulk"]
-        self.assertEqual([len(items) for items in bulks], [100, 1])
-        self.assertEqual(len(api.spans), 101)
+        self.assertEqual([len(items) for items in bulks], [100, 100])  # and no empty request after them
+        self.assertEqual(len(api.spans), 200)
         self.assertEqual(os.listdir(folder), [])
 
     def test_usage_errors_and_help_say_what_is_documented(self):
         def main(*argv):
             out, err = io.StringIO(), io.StringIO()
             with (
+                self.assertRaises(SystemExit) as caught,
                 contextlib.redirect_stdout(out),
                 contextlib.redirect_stderr(err),
-                self.assertRaises(SystemExit) as caught,
             ):
                 ph.main(list(argv))
-            return caught.exception.code, out.getvalue(), err.getvalue()
+            return caught.exception.code, out.getvalue(), " ".join(err.getvalue().split())
 
         code, _, err = main("send", "--chunk", "0")
         self.assertEqual(code, 2)
         self.assertIn("--chunk must be at least 1", err)
         code, top, _ = main("--help")
         self.assertEqual(code, 0)
-        for text in ("prefactor-http", "$PREFACTOR_API_URL", "$PREFACTOR_API_TOKEN", "--timeout", "--retries", "--verbose",
-                     "demo", "ping", "send", "0 ok, 1 items rejected by the API, 2 token refused or bad usage, 3 network failure"):  # fmt: skip
+        for text in (
+            "usage: prefactor-http", "--api-url API_URL API base URL (default: $PREFACTOR_API_URL)",
+            "--api-token API_TOKEN API token (default: $PREFACTOR_API_TOKEN", "--timeout TIMEOUT seconds",
+            "--retries RETRIES retries", "-v, --verbose log every HTTP attempt", "demo run one agent lifecycle",
+            "ping check the URL and token", "send send bulk items",
+            "exit status: 0 ok, 1 items rejected by the API, 2 token refused or bad usage, 3 network failure",
+        ):  # fmt: skip
             self.assertIn(text, " ".join(top.split()))
         code, send, _ = main("send", "--help")
-        for text in ("--chunk", "default 100", "--rejects", "stdin"):
+        for text in ("file JSON-lines file, or - for stdin", "--chunk CHUNK items per bulk request (default 100)",
+                     "--rejects REJECTS where failed lines go"):  # fmt: skip
             self.assertIn(text, " ".join(send.split()))
 
 
