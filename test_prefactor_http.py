@@ -1669,6 +1669,7 @@ class ProxyVariableTests(ApiTestCase):
                 with PrefactorHttpClient(self.api.config(trust_env=True)) as client:
                     answer = client.validate_token()
                 self.assertEqual(answer["status"], "proxied" if through else "success")
+        os.environ.pop("REQUEST_METHOD")
         for scheme in ("https", "socks5"):  # only a plain http:// proxy is spoken to
             clean_env()
             os.environ["HTTP_PROXY"] = f"{scheme}://127.0.0.1:{proxy.port}"
