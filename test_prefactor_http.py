@@ -1630,6 +1630,8 @@ class LocalApiServerContractTests(ApiTestCase):
         api = LocalApiServer(token=TOKEN).start()
         started = serving() - before
         port = int(api.url.rsplit(":", 1)[1])
+        with self.assertRaises(OSError):  # it listens on 127.0.0.1 only, not on every address
+            socket.create_connection(("127.0.0.2", port), timeout=5).close()
         held = http.client.HTTPConnection("127.0.0.1", port, timeout=10)  # a kept-alive connection, left open
         self.addCleanup(held.close)
         held.request("GET", "/api/v1/ping", headers={"Authorization": f"Bearer {TOKEN}"})
