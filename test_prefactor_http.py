@@ -1884,6 +1884,704 @@ class LifecycleTests(ApiTestCase):
 
 
 # ---------------------------------------------------------------------------- #
+# The public surface, the limits, LocalApiServer as users' tests see it, the CLI
+# ---------------------------------------------------------------------------- #
+
+PFID = r"[0-7][0-9abcdefghjkmnpqrstvwxyz]{31}"
+
+
+def pfid_value(text: str) -> int:
+    return int(text.translate(str.maketrans("abcdefghjkmnpqrstvwxyz", "abcdefghijklmnopqrstuv")), 32)
+
+
+def call_raw(api, method, path, body=None, *, token=TOKEN, data=None):
+    """One request to ``api`` through http.client: (status, headers, parsed JSON body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", int(api.url.rsplit(":", 1)[1]), timeout=10)
+    try:
+        if data is None and body is not None:
+            data = json.dumps(body).encode()
+        conn.request(method, path, data, {"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), json.loads(response.read())
+    finally:
+        conn.close()
+
+
+class PublicSurfaceTests(ApiTestCase):
+    def test_all_names_exactly_the_public_api_and_version_is_the_one_on_the_wire(self):
+        expected = {
+            "HttpClientConfig", "PrefactorHttpClient", "AsyncPrefactorHttpClient",
+            "AgentInstance", "AgentInstanceSpanCounts", "AgentSpan", "Agent", "AgentSummary", "ListResponse",
+            "Pagination", "BulkItem", "BulkRequest", "BulkOutput", "BulkResponse",
+            "AgentVersionForRegister", "AgentSchemaVersionForRegister", "SpanTypeSchemaForCreate",
+            "RuntimeEnvironment", "QualitySchemaForCreate", "QualitySchemaDetails", "FinishInstanceRequest",
+            "AgentInstanceRecordQuality", "ApiResponse", "AgentStatus", "FinishStatus", "InstancePurpose",
+            "PrefactorHttpError", "PrefactorApiError", "PrefactorAuthError", "PrefactorNotFoundError",
+            "PrefactorConflictError", "PrefactorValidationError", "PrefactorConnectionError", "PrefactorTimeoutError",
+            "PrefactorResponseContractError", "PrefactorRetryExhaustedError", "PrefactorClientError",
+            "is_transient_http_error", "is_permanent_http_error", "LocalApiServer",
+        }  # fmt: skip
+        self.assertEqual(len(ph.__all__), len(expected))
+        self.assertEqual(set(ph.__all__), expected)
+        namespace: dict = {}
+        exec("from prefactor_http import *", namespace)  # every name resolves
+        self.assertEqual(set(namespace) - {"__builtins__"}, expected)
+        self.assertEqual(
+            ph.AgentStatus.__args__, ("pending", "active", "complete", "failed", "cancelled", "terminated")
+        )
+        self.assertEqual(ph.FinishStatus.__args__, ("complete", "failed", "cancelled"))
+        self.assertEqual(ph.InstancePurpose.__args__, ("live", "smoke_test", "eval"))
+        self.assertRegex(ph.__version__, r"^\d+\.\d+\.\d+$")
+        self.client.validate_token()
+        headers = {k.lower(): v for k, v in self.last()["headers"].items()}
+        self.assertEqual(headers["x-prefactor-sdk"], f"prefactor-http-stdlib@{ph.__version__}")
+        self.assertTrue(headers["user-agent"].startswith(f"prefactor-http-stdlib/{ph.__version__} python/"))
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout), self.assertRaises(SystemExit) as caught:
+            ph.main(["--version"])
+        self.assertEqual((caught.exception.code, stdout.getvalue()), (0, f"prefactor-http {ph.__version__}\n"))
+
+    def test_each_status_and_purpose_is_accepted_where_the_api_takes_it(self):
+        for purpose in ("live", "smoke_test", "eval"):
+            self.assertEqual(self.register(purpose=purpose).purpose, purpose)
+        inst = self.active_instance()
+        for status in ("pending", "active", "complete", "failed", "cancelled", "terminated"):
+            self.assertEqual(self.client.agent_spans.create(inst.id, "s", status).status, status)
+        for status in ("complete", "failed", "cancelled"):
+            span = self.client.agent_spans.create(inst.id, "s", "active")
+            self.assertEqual(self.client.agent_spans.finish(span.id, status).status, status)
+            other = self.active_instance()
+            self.assertEqual(self.client.agent_instances.finish(other.id, status).status, status)
+            with self.assertRaisesRegex(ph.PrefactorConflictError, f"agent span is already {status}"):
+                self.client.agent_spans.finish(span.id)
+            with self.assertRaisesRegex(ph.PrefactorConflictError, f"agent instance is already {status}"):
+                self.client.agent_instances.finish(other.id)
+
+    def test_each_endpoint_names_the_bad_argument_before_sending(self):
+        naive = datetime(2026, 1, 1)
+        instances, spans, agents = self.client.agent_instances, self.client.agent_spans, self.client.agents
+        cases = [
+            ("agent_version is required", lambda: instances.register(None)),
+            ("^timestamp must be timezone-aware", lambda: instances.finish("i", timestamp=naive)),
+            ("^agent_instance_id must be a non-empty id", lambda: instances.get(" ")),
+            ("^name must be a non-empty string", lambda: instances.record_quality("i", "", {})),
+            ("^agent_instance_id must be a non-empty id", lambda: spans.create(" ", "s", "active")),
+            ("^schema_name must be a non-empty string", lambda: spans.create("i", "", "active")),
+            ("^started_at must be timezone-aware", lambda: spans.create("i", "s", "active", started_at=naive)),
+            ("^finished_at must be timezone-aware", lambda: spans.create("i", "s", "active", finished_at=naive)),
+            ("^agent_span_id must be a non-empty id", lambda: spans.finish("..")),
+            ("^timestamp must be timezone-aware", lambda: spans.finish("s", timestamp=naive)),
+            ("^agent_id must be a non-empty id", lambda: agents.retire(".")),
+            (r"details\['name'\] is required", lambda: agents.create({"description": "d"})),
+            ("^details must be a dict, got str", lambda: agents.update("a", "d")),
+            ("^page_size must be an integer from 1 to 100, got 0", lambda: agents.list_agents(page_size=0)),
+            ("^page_size must be an integer from 1 to 100, got 101", lambda: agents.list_agents(page_size=101)),
+            ("^offset must be a non-negative integer, got -1", lambda: agents.list_agents(offset=-1)),
+        ]
+        for text, call in cases:
+            with self.subTest(text), self.assertRaisesRegex((ValueError, TypeError), text):
+                call()
+        self.assertEqual(self.api.requests, [])
+        self.assertEqual(len(agents.list_agents(offset=0, page_size=100)), 0)  # the edges themselves are fine
+        self.assertEqual(len(agents.list_agents(page_size=1)), 0)
+
+
+class LimitTests(FaultTestCase):
+    def test_the_documented_limits_hold_at_their_edges(self):
+        api = LocalApiServer(token=TOKEN).start()
+        self.addCleanup(api.stop)
+        client, _ = self.client(api.url)
+        inst = client.agent_instances.register({"name": "v"}, agent_id="a", idempotency_key="k" * 64)
+        self.assertEqual(api.requests[-1]["body"]["idempotency_key"], "k" * 64)
+        with self.assertRaisesRegex(ValueError, "at most 64 characters, got 65"):
+            client.agent_instances.start(inst.id, idempotency_key="k" * 65)
+        BulkRequest([BulkItem(_type="agents/list", idempotency_key=key) for key in ("k" * 8, "q" * 64)])
+        for key in ("k" * 7, "k" * 65):
+            with self.subTest(len(key)), self.assertRaisesRegex(ValueError, f"must be 8-64 characters, got {len(key)}"):
+                BulkItem(_type="agents/list", idempotency_key=key)
+        prefixed, _ = self.client(api.url, default_idempotency_key="p" * 28)
+        prefixed.agent_instances.start(inst.id)
+        self.assertRegex(api.requests[-1]["body"]["idempotency_key"], r"^p{28}[0-9a-f-]{36}$")
+        with self.assertRaisesRegex(ValueError, "default_idempotency_key"):
+            HttpClientConfig(api_url=api.url, api_token=TOKEN, default_idempotency_key="p" * 29)
+        too_big = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 33554433\r\n\r\n{"
+        not_json = http_response(200, b"<p>" + b"word " * 100 + b"</p>", {"Content-Type": "text/html"})
+        head = b'{"code": "too_long", "message": "m", "pad": "'
+        over_a_mib = head + b" " * (1024 * 1024 + 8 - len(head)) + b'"}'  # its envelope lies past the first MiB
+        long_error = http_response(422, over_a_mib)
+        server = self.serve([("reply", too_big)], [("reply", not_json), ("reply", long_error)])
+        bounded, _ = self.client(server.url, max_retries=0)
+        with self.assertRaisesRegex(
+            ph.PrefactorResponseContractError, r"33554433 bytes or more refused \(limit 33554432"
+        ):
+            bounded.validate_token()
+        with self.assertRaises(ph.PrefactorResponseContractError) as caught:
+            bounded.validate_token()
+        self.assertEqual(caught.exception.body_snippet, ("<p>" + "word " * 100)[:200] + "...")
+        with self.assertRaises(ph.PrefactorValidationError) as caught:
+            bounded.validate_token()
+        self.assertEqual(caught.exception.code, "unknown")  # an error body is read in its first MiB only
+
+
+class LocalApiServerContractTests(ApiTestCase):
+    """LocalApiServer answers as the API does (api/prefactor-api.md): users' tests rely on it."""
+
+    def assert_recent(self, text):
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        self.assertLess(abs((datetime.now(UTC) - when).total_seconds()), 60)
+
+    def test_records_have_the_fields_of_the_api(self):
+        status, _, body = call_raw(self.api, "POST", "/api/v1/agent_instance/register", {"agent_version": {}})
+        self.assertEqual((status, set(body), body["status"]), (200, {"status", "details"}, "success"))
+        inst = body["details"]
+        self.assertEqual(
+            set(inst),
+            {"type", "id", "account_id", "agent_id", "agent_version_id", "environment_id", "agent_deployment_id"}
+            | {"status", "inserted_at", "updated_at", "started_at", "finished_at", "termination_reason", "purpose"}
+            | {"external_identifier", "quality_payloads", "quality_summaries", "span_counts"},
+        )
+        self.assertEqual((inst["type"], inst["status"], inst["purpose"]), ("agent_instance", "pending", "live"))
+        ids = [inst[k] for k in ("id", "account_id", "agent_id", "agent_version_id", "environment_id")]
+        for value in ids:
+            self.assertRegex(value, f"^{PFID}$")
+        self.assertEqual(
+            inst["span_counts"], dict.fromkeys(("total", "active", "complete", "failed", "cancelled", "finished"), 0)
+        )
+        self.assertEqual(
+            [inst[k] for k in ("started_at", "finished_at", "termination_reason", "external_identifier")], [None] * 4
+        )
+        self.assertEqual(inst["inserted_at"], inst["updated_at"])
+        self.assert_recent(inst["inserted_at"])
+
+        chosen = self.register(id="inst-chosen", purpose="eval", external_identifier="ext-1")
+        self.assertEqual(
+            (chosen.id, chosen.agent_id, chosen.purpose, chosen.external_identifier),
+            ("inst-chosen", "agent-1", "eval", "ext-1"),
+        )
+        at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+        self.client.agent_instances.start(chosen.id, timestamp=at)
+        stored = self.api.instances["inst-chosen"]
+        self.assertEqual((stored["status"], stored["started_at"]), ("active", "2026-01-02T03:04:05.000000Z"))
+        span = self.client.agent_spans.create(chosen.id, "agent:llm", "active", started_at=at, parent_span_id="p-1")
+        stored_span = self.api.spans[span.id]
+        self.assertEqual(
+            set(stored_span),
+            {"type", "id", "account_id", "agent_id", "agent_instance_id", "parent_span_id", "schema_name"}
+            | {"schema_title", "status", "payload", "result_payload", "summary", "started_at", "finished_at"}
+            | {"inserted_at", "updated_at"},
+        )
+        self.assertEqual(
+            [stored_span[k] for k in ("type", "account_id", "agent_id", "agent_instance_id", "parent_span_id")],
+            ["agent_span", stored["account_id"], "agent-1", "inst-chosen", "p-1"],
+        )
+        self.assertEqual([stored_span[k] for k in ("payload", "result_payload", "finished_at")], [{}, None, None])
+        self.assertEqual(stored_span["started_at"], "2026-01-02T03:04:05.000000Z")
+        self.assert_recent(stored_span["inserted_at"])
+        ended = datetime(2026, 1, 2, 3, 4, 6, tzinfo=UTC)
+        self.client.agent_spans.finish(span.id, "failed", {"error": "boom"}, timestamp=ended)
+        self.assertEqual(
+            [stored_span[k] for k in ("status", "result_payload", "finished_at")],
+            ["failed", {"error": "boom"}, "2026-01-02T03:04:06.000000Z"],
+        )
+        self.client.agent_spans.create(chosen.id, "s", "active")
+        closed = self.client.agent_spans.create(chosen.id, "s", "cancelled", started_at=at, finished_at=ended)
+        self.assertEqual(self.api.spans[closed.id]["finished_at"], "2026-01-02T03:04:06.000000Z")
+        self.client.agent_instances.record_quality(chosen.id, "q1", {"score": 1})
+        self.client.agent_instances.record_quality(chosen.id, "q2", {"score": 2})
+        self.client.agent_instances.record_quality(chosen.id, "q1", None)
+        self.assertEqual(stored["quality_payloads"], {"q2": {"score": 2}})
+        finished = self.client.agent_instances.finish(chosen.id, timestamp=ended)
+        self.assertEqual((finished.status, stored["finished_at"]), ("complete", "2026-01-02T03:04:06.000000Z"))
+        self.assertEqual(
+            stored["span_counts"], {"total": 3, "active": 1, "complete": 0, "failed": 1, "cancelled": 1, "finished": 2}
+        )
+
+        status, headers, body = call_raw(self.api, "POST", "/api/v1/agent", {"details": {"name": "a"}})
+        self.assertEqual(headers["Content-Type"], "application/json")
+        agent = body["details"]
+        self.assertEqual(
+            set(agent),
+            {"type", "id", "name", "status", "description", "external_identifier", "owner_person_id"}
+            | {"risk_profile_id", "team_id", "inserted_at", "updated_at"},
+        )
+        self.assertEqual((status, body["status"], agent["type"], agent["status"]), (200, "success", "agent", "active"))
+        self.assertEqual(
+            [agent[k] for k in ("description", "external_identifier", "owner_person_id", "risk_profile_id", "team_id")],
+            [None] * 5,
+        )
+        self.assertEqual(agent["inserted_at"], agent["updated_at"])
+        self.assert_recent(agent["inserted_at"])
+        ids += [agent["id"], span.id]
+        self.assertTrue(set("".join(ids)) & set("13579bdfhkn"), ids)  # random bits use the whole alphabet
+        values = [pfid_value(value) for value in ids]
+        now_ms = time.time() * 1000
+        for value in values:  # 48-bit milliseconds first (ids sort by time), then random bits
+            self.assertLess(abs((value >> 112) - now_ms), 60_000)
+        self.assertEqual(len({value & (2**112 - 1) for value in values}), len(ids))
+        self.assertEqual(self.client.agents.show(agent_id=agent["id"]).id, agent["id"])
+        for method, path in (("GET", f"/api/v1/agent/{agent['id']}"), ("GET", "/api/v1/agent_instance/inst-chosen")):
+            self.assertEqual(call_raw(self.api, method, path)[2]["status"], "success")
+        for action in ("retire", "reinstate"):
+            answer = call_raw(self.api, "POST", f"/api/v1/agent/{agent['id']}/{action}", {})[2]
+            self.assertEqual((answer["status"], answer["details"]["id"]), ("success", agent["id"]))
+
+    def test_every_success_answer_has_the_success_envelope(self):
+        inst = self.register()
+        agent = {"name": "a", "id": "agent-chosen", "external_identifier": "ext-a"}
+        span = {"agent_instance_id": inst.id, "schema_name": "s", "status": "active", "id": "span-chosen"}
+        item = {"_type": "agents/list", "idempotency_key": "bulk-list-1"}
+        calls = [
+            ("POST", "/api/v1/agent", {"details": agent}, "details"),
+            ("PUT", "/api/v1/agent/agent-chosen", {"details": {"description": "d"}}, "details"),
+            ("GET", "/api/v1/agent/agent-chosen", None, "details"),
+            ("GET", "/api/v1/agent/show?external_identifier=ext-a", None, "details"),
+            ("GET", "/api/v1/agent/show?agent_id=agent-chosen", None, "details"),
+            ("POST", "/api/v1/agent/agent-chosen/retire", {}, "details"),
+            ("POST", "/api/v1/agent/agent-chosen/reinstate", {}, "details"),
+            ("GET", "/api/v1/agent", None, "summaries"),
+            ("POST", f"/api/v1/agent_instance/{inst.id}/start", {}, "details"),
+            ("POST", "/api/v1/agent_spans", {"details": span}, "details"),
+            ("POST", "/api/v1/agent_spans/span-chosen/finish", {}, "details"),
+            ("POST", f"/api/v1/agent_instance/{inst.id}/record_quality", {"name": "q", "payload": {}}, "details"),
+            ("POST", f"/api/v1/agent_instance/{inst.id}/finish", {}, "details"),
+            ("GET", f"/api/v1/agent_instance/{inst.id}", None, "details"),
+            ("POST", "/api/v1/bulk", {"items": [item]}, "outputs"),
+            ("DELETE", "/api/v1/agent/agent-chosen", {}, "details"),
+            ("GET", "/api/v1/ping", None, None),
+        ]
+        for method, path, body, part in calls:
+            with self.subTest(method=method, path=path):
+                status, _, answer = call_raw(self.api, method, path, body)
+                self.assertEqual((status, answer["status"]), (200, "success"))
+                self.assertEqual(set(answer) - {"pagination", "sorting"}, {"status"} | ({part} if part else set()))
+        self.assertEqual(self.api.instances[inst.id]["status"], "complete")
+        self.assertEqual(self.api.spans["span-chosen"]["status"], "complete")
+        self.assertEqual(self.api.agents, {})
+
+    def test_error_answers_carry_the_status_code_and_message_of_the_api(self):
+        pending = self.register()
+        active = self.active_instance()
+        done = self.client.agent_spans.create(active.id, "s", "active")
+        self.client.agent_spans.finish(done.id)
+        waiting = self.client.agent_spans.create(active.id, "s", "pending")
+        agent = self.client.agents.create({"name": "a"})
+        self.client.agents.retire(agent.id)
+        required = ["is required"]
+        bad_span = {"details": {"status": "running"}}
+        cases = [
+            ("GET", "/api/v1/agent_instance/nope", None, 404, "not_found", "agent instance nope not found", None),
+            ("POST", "/api/v1/agent_instance/register", {}, 422, "validation_error", "agent_version is required",
+             {"agent_version": required}),
+            ("POST", f"/api/v1/agent_instance/{active.id}/start", {}, 409, "invalid_action",
+             "cannot start an instance that is active", None),
+            ("POST", f"/api/v1/agent_instance/{pending.id}/finish", {}, 422, "validation_error",
+             "agent instance must be active to finish", {"status": ["must be active"]}),
+            ("POST", f"/api/v1/agent_instance/{active.id}/finish", {"status": "done"}, 422, "validation_error",
+             "invalid status 'done'", {"status": ["is invalid"]}),
+            ("POST", f"/api/v1/agent_instance/{active.id}/record_quality", {"name": ""}, 422, "validation_error",
+             "name is required", {"name": required}),
+            ("POST", "/api/v1/agent_spans", {}, 422, "validation_error", "details is required", {"details": required}),
+            ("POST", "/api/v1/agent_spans", bad_span, 422, "validation_error", "invalid span",
+             {"agent_instance_id": required, "schema_name": required, "status": ["is invalid"]}),
+            ("POST", "/api/v1/agent_spans", {"details": {"agent_instance_id": active.id, "schema_name": "s"}}, 422,
+             "validation_error", "invalid span", {"status": required}),
+            ("POST", "/api/v1/agent_spans/nope/finish", {}, 404, "not_found", "agent span nope not found", None),
+            ("POST", f"/api/v1/agent_spans/{done.id}/finish", {}, 409, "invalid_action",
+             "agent span is already complete", None),
+            ("POST", f"/api/v1/agent_spans/{waiting.id}/finish", {"status": "complete"}, 422, "validation_error",
+             "cannot finish a pending span as complete", {"status": ["is invalid"]}),
+            ("GET", "/api/v1/agent/nope", None, 404, "not_found", "agent nope not found", None),
+            ("POST", "/api/v1/agent", {"details": {}}, 422, "validation_error", "details.name is required",
+             {"name": required}),
+            ("PUT", f"/api/v1/agent/{agent.id}", {"details": {"external_identifier": "x"}}, 422, "validation_error",
+             "external_identifier cannot be changed", None),
+            ("POST", f"/api/v1/agent/{agent.id}/retire", {}, 409, "invalid_action", "agent is already retired", None),
+            ("GET", "/api/v1/agent/show?external_identifier=nope", None, 404, "not_found", "no such agent", None),
+            ("POST", "/api/v1/bulk", {"items": []}, 422, "validation_error", "items must be a non-empty list",
+             {"items": required}),
+            ("GET", "/api/v1/nope", None, 404, "not_found", "no route for GET /api/v1/nope", None),
+        ]  # fmt: skip
+        for method, path, body, status, code, message, errors in cases:
+            with self.subTest(path=path, message=message):
+                wanted = {
+                    "status": "error",
+                    "code": code,
+                    "message": message,
+                    **({} if errors is None else {"errors": errors}),
+                }
+                self.assertEqual(call_raw(self.api, method, path, body)[::2], (status, wanted))
+        self.assertEqual(
+            call_raw(self.api, "POST", "/api/v1/agent", data=b"{not json")[::2],
+            (400, {"status": "error", "code": "invalid_json", "message": "the request body is not JSON"}),
+        )
+        stranger = PrefactorHttpClient(self.api.config(api_token="wrong-token"))
+        self.addCleanup(stranger.close)
+        with self.assertRaises(ph.PrefactorAuthError) as caught:
+            stranger.agents.create({"name": "b"})
+        self.assertEqual(
+            (caught.exception.status_code, caught.exception.code, caught.exception.message),
+            (401, "unauthorized", "missing or invalid API token"),
+        )
+        self.assertEqual([a["name"] for a in self.api.agents.values()], ["a"])
+        self.assertEqual([s["status"] for s in self.api.spans.values()], ["complete", "pending"])
+        self.assertEqual(self.client.agent_spans.finish(waiting.id, "cancelled").status, "cancelled")
+
+    def test_bulk_runs_every_item_type_in_order_and_stops_at_an_unknown_type(self):
+        items = [
+            {"_type": "agent_instances/register", "idempotency_key": "bulk-reg-01", "id": "inst-b",
+             "agent_version": {"name": "v"}},
+            {"_type": "agent_instances/start", "idempotency_key": "bulk-start-1", "agent_instance_id": "inst-b"},
+            {"_type": "agent_spans/create", "idempotency_key": "bulk-span-01", "agent_instance_id": "inst-b",
+             "id": "span-b", "schema_name": "s", "status": "active"},
+            {"_type": "agent_spans/finish", "idempotency_key": "bulk-sfin-01", "agent_span_id": "span-b",
+             "status": "failed"},
+            {"_type": "agent_instances/finish", "idempotency_key": "bulk-ifin-01", "agent_instance_id": "inst-b",
+             "status": "cancelled"},
+            {"_type": "agents/create", "idempotency_key": "bulk-agent-1", "details": {"name": "bulk agent"}},
+            {"_type": "agents/list", "idempotency_key": "bulk-list-01"},
+            {"_type": "agents/frobnicate", "idempotency_key": "bulk-frob-01"},
+            {"_type": "agents/create", "idempotency_key": "bulk-agent-2", "details": {"name": "never"}},
+        ]  # fmt: skip
+        outputs = self.client.bulk.execute(items).outputs
+        self.assertEqual(list(outputs), [item["idempotency_key"] for item in items[:8]])
+        self.assertEqual([o.status for o in outputs.values()], ["success"] * 7 + ["error"])
+        frob = outputs["bulk-frob-01"]
+        self.assertEqual((frob.code, frob.message), ("invalid_type", "unknown _type 'agents/frobnicate'"))
+        self.assertEqual(
+            (self.api.instances["inst-b"]["status"], self.api.spans["span-b"]["status"]), ("cancelled", "failed")
+        )
+        self.assertEqual(self.api.spans["span-b"]["agent_instance_id"], "inst-b")
+        self.assertEqual(
+            [o.details["id"] for o in list(outputs.values())[:5]], ["inst-b", "inst-b", "span-b", "span-b", "inst-b"]
+        )
+        self.assertEqual([a["name"] for a in self.api.agents.values()], ["bulk agent"])
+        self.assertEqual([a["name"] for a in outputs["bulk-list-01"].summaries], ["bulk agent"])
+        self.assertEqual(len(self.api.requests), 1)
+
+    def test_faults_hit_the_requests_they_name(self):
+        once, _ = make_client(self.api.url, max_retries=0)
+        self.addCleanup(once.close)
+        self.api.fail_next(503, times=2, retry_after=7, path="/api/v1/ping")
+        inst = self.register()  # another path: answered
+        for _ in range(2):
+            with self.assertRaises(ph.PrefactorApiError) as caught:
+                once.validate_token()
+            error = caught.exception
+            self.assertEqual(
+                (error.status_code, error.code, error.message, error.retry_after),
+                (503, "injected", "injected fault: HTTP 503", 7.0),
+            )
+        self.assertEqual(once.validate_token(), {"status": "success"})
+        self.api.fail_next(500)  # any path, once
+        with self.assertRaises(ph.PrefactorApiError) as caught:
+            once.agent_instances.get(inst.id)
+        self.assertEqual((caught.exception.status_code, caught.exception.retry_after), (500, None))
+        self.assertEqual(once.agent_instances.get(inst.id).id, inst.id)
+
+        def fresh():  # a new connection: a dropped reused one would be resent at once (promise 1)
+            client = PrefactorHttpClient(self.api.config(max_retries=0))
+            self.addCleanup(client.close)
+            return client
+
+        def answer_to_register(instance_id):  # every byte the server sends back, to its close
+            body = json.dumps({"agent_version": {}, "id": instance_id}).encode()
+            with socket.create_connection(("127.0.0.1", int(self.api.url.rsplit(":", 1)[1])), timeout=10) as sock:
+                sock.sendall(
+                    b"POST /api/v1/agent_instance/register HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                    + TOKEN.encode() + b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+                )  # fmt: skip
+                return b"".join(iter(lambda: sock.recv(65536), b""))
+
+        self.api.drop_next()  # before processing, once
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            self.assertEqual(answer_to_register("inst-before"), b"")
+        self.assertEqual(stderr.getvalue(), "")  # quietly: no traceback in the user's test output
+        self.assertEqual(set(self.api.instances), {inst.id})  # closed before processing
+        self.assertEqual(fresh().agent_instances.get(inst.id).id, inst.id)  # times=1: the next one is answered
+        self.api.drop_next(when="after", path="/api/v1/agent_instance/register")
+        once.agent_instances.get(inst.id)  # another path: answered
+        with contextlib.redirect_stderr(stderr):
+            self.assertEqual(answer_to_register("inst-after"), b"")
+        self.assertIn("inst-after", self.api.instances)  # processed, the answer lost
+        self.assertEqual(stderr.getvalue(), "")
+        self.api.drop_next(when="after")
+        with self.assertRaises(ph.PrefactorConnectionError):  # a client on a new connection sees it fail
+            fresh().agent_instances.register({"name": "v"}, agent_id="a", id="inst-after-2")
+        self.assertIn("inst-after-2", self.api.instances)
+        with self.assertRaisesRegex(ValueError, "when must be"):
+            self.api.drop_next(when="later")
+
+        conn = http.client.HTTPConnection("127.0.0.1", int(self.api.url.rsplit(":", 1)[1]), timeout=10)
+        self.addCleanup(conn.close)
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        for _ in range(2):  # kept alive
+            conn.request("GET", "/api/v1/ping", headers=auth)
+            self.assertEqual(conn.getresponse().read(), b'{"status": "success"}')
+        self.api.drop_next(when="idle")
+        conn.request("GET", "/api/v1/ping", headers=auth)
+        self.assertEqual(conn.getresponse().read(), b'{"status": "success"}')  # answered, then closed
+        with self.assertRaises((http.client.HTTPException, ConnectionError)):
+            conn.request("GET", "/api/v1/ping", headers=auth)
+            conn.getresponse()
+
+    def test_a_repeated_key_replays_the_first_answer_even_nested_in_details(self):
+        inst = self.register()
+        first = self.client.agent_instances.start(inst.id, idempotency_key="start-key-1")
+        again = self.client.agent_instances.start(inst.id, idempotency_key="start-key-1")  # not a 409
+        self.assertEqual((again.status, again.started_at), ("active", first.started_at))
+        details = {
+            "agent_instance_id": inst.id,
+            "schema_name": "s",
+            "status": "active",
+            "idempotency_key": "span-key-1",
+        }
+        answers = [call_raw(self.api, "POST", "/api/v1/agent_spans", {"details": details})[2] for _ in range(2)]
+        self.assertEqual(answers[0], answers[1])
+        self.assertEqual(list(self.api.spans), [answers[0]["details"]["id"]])
+
+    def test_terminate_changes_the_instance_and_later_span_answers_carry_control(self):
+        inst = self.active_instance()
+        body = {"details": {"agent_instance_id": inst.id, "schema_name": "s", "status": "active"}}
+        before = call_raw(self.api, "POST", "/api/v1/agent_spans", body)[2]
+        self.assertEqual(set(before), {"status", "details"})
+        self.api.terminate(inst.id, "operator stop")
+        stored = self.api.instances[inst.id]
+        self.assertEqual((stored["status"], stored["termination_reason"]), ("terminated", "operator stop"))
+        self.assertGreater(stored["updated_at"], stored["inserted_at"])
+        control = {"terminate": True, "reason": "operator stop"}
+        span_id = before["details"]["id"]
+        self.assertEqual(call_raw(self.api, "POST", f"/api/v1/agent_spans/{span_id}/finish", {})[2]["control"], control)
+        self.assertEqual(call_raw(self.api, "POST", "/api/v1/agent_spans", body)[2]["control"], control)
+        with self.assertRaisesRegex(ph.PrefactorConflictError, "agent instance is already terminated"):
+            self.client.agent_instances.finish(inst.id)
+
+    def test_lists_filter_and_page(self):
+        for name, team, risk, owner in (
+            ("a0", "t1", "r1", "o1"),
+            ("a1", "t1", "r2", "o1"),
+            ("a2", "t1", "r1", "o2"),
+            ("a3", "t2", "r1", "o1"),
+        ):
+            self.client.agents.create(
+                {"name": name, "team_id": team, "risk_profile_id": risk, "owner_person_id": owner}
+            )
+        path = "/api/v1/agent?team_id=t1&pagination[page_size]=2"
+        first = call_raw(self.api, "GET", path)[2]
+        self.assertEqual(
+            (first["status"], [a["name"] for a in first["summaries"]], first["sorting"]),
+            ("success", ["a0", "a1"], None),
+        )
+        self.assertEqual(
+            first["pagination"], {"item_count": 3, "page_offset": 0, "page_size": 2, "next_page_offset": 2}
+        )
+        last = call_raw(self.api, "GET", path + "&pagination[offset]=2")[2]
+        self.assertEqual(
+            ([a["name"] for a in last["summaries"]], last["pagination"]["next_page_offset"]), (["a2"], None)
+        )
+        whole = call_raw(self.api, "GET", path.replace("=2", "=3"))[2]  # exactly one page: no next page
+        self.assertEqual((len(whole["summaries"]), whole["pagination"]["next_page_offset"]), (3, None))
+        default = call_raw(self.api, "GET", "/api/v1/agent")[2]
+        self.assertEqual((len(default["summaries"]), default["pagination"]["page_offset"]), (4, 0))
+        self.assertEqual(default["pagination"]["page_size"], 20)
+        for query, names in (("risk_profile_id=r2", ["a1"]), ("owner_person_id=o2", ["a2"]), ("team_id=t2", ["a3"])):
+            self.assertEqual([a.name for a in self.client.agents.list_agents(**dict([query.split("=")]))], names)
+
+    def test_config_and_stop(self):
+        config = self.api.config(max_retries=1)
+        self.assertEqual(
+            (config.api_url, config.api_token, config.trust_env, config.initial_retry_delay, config.max_retry_delay),
+            (self.api.url, TOKEN, False, 0.01, 0.5),
+        )
+        self.assertEqual(config.max_retries, 1)
+        os.environ.update(HTTP_PROXY=api_gone_url(), ALL_PROXY=api_gone_url())
+        self.addCleanup(clean_env)
+        with PrefactorHttpClient(self.api.config()) as client:  # a proxy in the environment is not used
+            self.assertEqual(client.validate_token(), {"status": "success"})
+
+        def serving():
+            return {t for t in threading.enumerate() if t.name == "LocalApiServer"}
+
+        before = serving()
+        api = LocalApiServer(token=TOKEN).start()
+        started = serving() - before
+        port = int(api.url.rsplit(":", 1)[1])
+        with self.assertRaises(OSError):  # it listens on 127.0.0.1 only, not on every address
+            socket.create_connection(("127.0.0.2", port), timeout=5).close()
+        held = http.client.HTTPConnection("127.0.0.1", port, timeout=10)  # a kept-alive connection, left open
+        self.addCleanup(held.close)
+        held.request("GET", "/api/v1/ping", headers={"Authorization": f"Bearer {TOKEN}"})
+        self.assertEqual(held.getresponse().read(), b'{"status": "success"}')
+        stopping = threading.Thread(target=api.stop, daemon=True)
+        stopping.start()
+        stopping.join(10)
+        self.assertFalse(stopping.is_alive(), "stop() waits for a client's idle connection")
+        api.stop()  # twice is fine
+        self.assertEqual(len(started), 1)
+        self.assertFalse(any(t.is_alive() for t in started))
+        with self.assertRaisesRegex(ph.PrefactorClientError, "not started"):
+            api.url  # noqa: B018
+        with self.assertRaises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+class ProxyVariableTests(ApiTestCase):
+    def test_every_proxy_variable_is_honoured_and_cgi_http_proxy_is_not(self):
+        proxy = FaultServer([("reply", http_response(200, {"status": "proxied"}))])
+        self.addCleanup(proxy.close)
+        self.addCleanup(os.environ.pop, "REQUEST_METHOD", None)
+        self.addCleanup(clean_env)
+        address = f"http://127.0.0.1:{proxy.port}"
+        for variables, through in (
+            ({"http_proxy": address}, True),
+            ({"HTTP_PROXY": address}, True),
+            ({"all_proxy": address}, True),
+            ({"ALL_PROXY": address}, True),
+            ({"HTTP_PROXY": address, "REQUEST_METHOD": "GET"}, False),  # a CGI request's Proxy: header
+            ({"http_proxy": address, "REQUEST_METHOD": "GET"}, True),
+        ):
+            with self.subTest(variables):
+                clean_env()
+                os.environ.pop("REQUEST_METHOD", None)
+                os.environ.update(variables)
+                with PrefactorHttpClient(self.api.config(trust_env=True)) as client:
+                    answer = client.validate_token()
+                self.assertEqual(answer["status"], "proxied" if through else "success")
+        os.environ.pop("REQUEST_METHOD")
+        for scheme in ("https", "socks5"):  # only a plain http:// proxy is spoken to
+            clean_env()
+            os.environ["HTTP_PROXY"] = f"{scheme}://127.0.0.1:{proxy.port}"
+            with self.subTest(scheme), self.assertRaisesRegex(ValueError, r"must be http://\[user:pass@\]host"):
+                PrefactorHttpClient(self.api.config(trust_env=True))
+
+
+def strings_in(value):
+    """Every key and string value in a JSON value."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield key
+            yield from strings_in(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from strings_in(item)
+    elif isinstance(value, str):
+        yield value
+
+
+class CliOutputTests(unittest.TestCase):
+    def test_demo_against_a_configured_api_prints_what_it_stored(self):
+        with LocalApiServer(token=TOKEN) as api:
+            began = time.monotonic()
+            out = run_cli_in(HERE, "demo", url=api.url)
+            wall_ms = (time.monotonic() - began) * 1000
+        self.assertEqual(out.returncode, 0, out.stderr)
+        (inst,) = api.instances.values()
+        spans = {s["schema_name"]: s for s in api.spans.values()}
+        run, llm, tool = spans["agent:run"]["id"], spans["agent:llm"]["id"], spans["agent:tool"]["id"]
+        lines = out.stdout.decode().splitlines()
+        patterns = [
+            rf"agent instance {inst['id']}  complete  (\d+\.\d) ms",
+            rf"└─ agent:run  {run}  complete  (\d+\.\d) ms",
+            rf"   ├─ agent:llm  {llm}  complete  (\d+\.\d) ms",
+            rf"   └─ agent:tool {tool}  complete  (\d+\.\d) ms",
+            "",
+            "spans: 3 total, 3 complete",
+        ]
+        self.assertEqual(len(lines), len(patterns), lines)
+        for pattern, line in zip(patterns, lines):
+            self.assertRegex(line, f"^{pattern}$")
+        times = [float(re.fullmatch(pattern, line)[1]) for pattern, line in zip(patterns[:4], lines)]
+        self.assertEqual(lines[4:], patterns[4:])
+        self.assertGreater(min(times), 0)
+        self.assertLess(times[0], wall_ms)
+        self.assertGreaterEqual(times[0], times[1])
+        self.assertGreaterEqual(times[1], max(times[2:]))
+        self.assertEqual((inst["status"], inst["purpose"]), ("complete", "smoke_test"))
+        self.assertEqual({s["status"] for s in api.spans.values()}, {"complete"})
+        self.assertEqual((spans["agent:llm"]["parent_span_id"], spans["agent:tool"]["parent_span_id"]), (run, run))
+        register = api.requests[0]["body"]
+        self.assertNotIn("agent_id", register)  # a configured API knows its agent from the token
+        types = register["agent_schema_version"]["span_type_schemas"]
+        self.assertEqual({t["name"] for t in types}, set(spans))  # it registers the span types it uses
+        for span in api.spans.values():
+            self.assertTrue(span["payload"] and span["result_payload"], span)
+        answers = [spans["agent:tool"]["result_payload"]["output"], spans["agent:run"]["result_payload"]["answer"]]
+        self.assertEqual(answers, [6 * 7] * 2)  # the tool answers the question the run was asked
+        sent = [r["body"] for r in api.requests if r["body"]]
+        self.assertNotIn("", list(strings_in(sent)))  # every key and text the demo sends says something
+
+    def test_ping_makes_one_attempt_and_send_sends_chunks_of_100(self):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        with LocalApiServer(token=TOKEN) as api:
+            with PrefactorHttpClient(api.config()) as client:
+                inst = client.agent_instances.register({"name": "v"}, agent_id="a")
+                client.agent_instances.start(inst.id)
+            item = {"_type": "agent_spans/create", "agent_instance_id": inst.id, "schema_name": "s", "status": "active"}
+            lines = [json.dumps({**item, "idempotency_key": f"chunk-key-{n:03d}"}).encode() + b"\n" for n in range(200)]
+            api.fail_next(503, path="/api/v1/ping")
+            ping = start_cli_in(folder, "ping", url=api.url)
+            env = {k: v for k, v in os.environ.items() if not k.startswith("PREFACTOR_")}
+            env.update(PYTHONPATH=HERE, PREFACTOR_API_URL=api.url, PREFACTOR_API_TOKEN=TOKEN)
+            terminal, tty = os.openpty()  # stderr is a terminal: send shows a progress line there
+            self.addCleanup(os.close, terminal)
+            pipe = subprocess.PIPE
+            command = [sys.executable, "-m", "prefactor_http", "send"]
+            send = subprocess.Popen(command, cwd=folder, env=env, stdin=pipe, stdout=pipe, stderr=tty)
+            os.close(tty)
+            failed, sent = finish_cli(ping), finish_cli(send, b"".join(lines))
+            progress = b""
+            with contextlib.suppress(OSError):  # EIO once the child's end is closed and all is read
+                while select.select([terminal], [], [], 10)[0] and (piece := os.read(terminal, 65536)):
+                    progress += piece
+            ok = run_cli_in(folder, "ping", url=api.url)
+            url = api.url
+        self.assertEqual((failed.returncode, failed.stdout), (1, b""))  # the API's error answer; not retried
+        self.assertEqual(failed.stderr.decode().splitlines(), [
+            "unexpected answer: injected fault: HTTP 503 (HTTP 503, code 'injected')"])  # fmt: skip
+        self.assertEqual((ok.returncode, ok.stderr), (0, b""))
+        self.assertRegex(ok.stdout.decode(), rf"^ok: {re.escape(url)} accepted the token in \d+\.\d ms\n$")
+        pings = [r for r in api.requests if r["path"] == "/api/v1/ping"]
+        self.assertEqual(len(pings), 2)
+        self.assertEqual((sent.returncode, sent.stdout), (0, b"200 sent, 0 rejected\n"))
+        self.assertIn(b"\r\x1b[K100 sent, 0 rejected\r\x1b[K200 sent, 0 rejected", progress)
+        self.assertTrue(progress.endswith(b"\r\x1b[K"), progress)  # the progress line is cleared at the end
+        bulks = [r["body"]["items"] for r in api.requests if r["path"] == "/api/v1/bulk"]
+        self.assertEqual([len(items) for items in bulks], [100, 100])  # and no empty request after them
+        self.assertEqual(len(api.spans), 200)
+        self.assertEqual(os.listdir(folder), [])
+
+    def test_usage_errors_and_help_say_what_is_documented(self):
+        def main(*argv):
+            out, err = io.StringIO(), io.StringIO()
+            with (
+                self.assertRaises(SystemExit) as caught,
+                contextlib.redirect_stdout(out),
+                contextlib.redirect_stderr(err),
+            ):
+                ph.main(list(argv))
+            return caught.exception.code, out.getvalue(), " ".join(err.getvalue().split())
+
+        code, _, err = main("send", "--chunk", "0")
+        self.assertEqual(code, 2)
+        self.assertIn("--chunk must be at least 1", err)
+        code, top, _ = main("--help")
+        self.assertEqual(code, 0)
+        for text in (
+            "usage: prefactor-http", "--api-url API_URL API base URL (default: $PREFACTOR_API_URL)",
+            "--api-token API_TOKEN API token (default: $PREFACTOR_API_TOKEN", "--timeout TIMEOUT seconds",
+            "--retries RETRIES retries", "-v, --verbose log every HTTP attempt", "demo run one agent lifecycle",
+            "ping check the URL and token", "send send bulk items",
+            "exit status: 0 ok, 1 items rejected by the API, 2 token refused or bad usage, 3 network failure",
+        ):  # fmt: skip
+            self.assertIn(text, " ".join(top.split()))
+        code, send, _ = main("send", "--help")
+        for text in ("file JSON-lines file, or - for stdin", "--chunk CHUNK items per bulk request (default 100)",
+                     "--rejects REJECTS where failed lines go"):  # fmt: skip
+            self.assertIn(text, " ".join(send.split()))
+
+
+# ---------------------------------------------------------------------------- #
 # Agents, async facade
 # ---------------------------------------------------------------------------- #
 
