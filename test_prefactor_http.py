@@ -1907,7 +1907,7 @@ def call_raw(api, method, path, body=None, *, token=TOKEN, data=None):
         conn.close()
 
 
-class PublicSurfaceTests(ApiTestCase):
+class PublicSurfaceOnTheWireTests(ApiTestCase):
     def test_all_names_exactly_the_public_api_and_version_is_the_one_on_the_wire(self):
         expected = {
             "HttpClientConfig", "PrefactorHttpClient", "AsyncPrefactorHttpClient",
@@ -3917,8 +3917,20 @@ def start_cli_in(folder, *args, url=None, token=TOKEN):
         env.update(PREFACTOR_API_URL=url, PREFACTOR_API_TOKEN=token)
     pipe = subprocess.PIPE
     return subprocess.Popen(
-        [sys.executable, "-m", "prefactor_http", *args], cwd=folder, env=env, stdin=pipe, stdout=pipe, stderr=pipe
+        [sys.executable, "-m", "prefactor_http", *args],
+        cwd=folder,
+        env=env,
+        stdin=pipe,
+        stdout=pipe,
+        stderr=pipe,
+        preexec_fn=sigint_delivered,
     )
+
+
+def sigint_delivered():
+    """In the CLI's process: Ctrl-C raises KeyboardInterrupt, even when these tests run
+    as a shell's background job (which starts with SIGINT ignored, and Python keeps that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def finish_cli(proc, stdin=None):
