@@ -1962,6 +1962,8 @@ class PublicSurfaceOnTheWireTests(ApiTestCase):
         instances, spans, agents = self.client.agent_instances, self.client.agent_spans, self.client.agents
         cases = [
             ("agent_version is required", lambda: instances.register(None)),
+            ("^agent_schema_version must be a dict, got list", lambda: instances.register({}, [])),
+            ("^status must be one of complete, failed, cancelled; got 'done'", lambda: spans.finish("s", "done")),
             ("^timestamp must be timezone-aware", lambda: instances.finish("i", timestamp=naive)),
             ("^agent_instance_id must be a non-empty id", lambda: instances.get(" ")),
             ("^name must be a non-empty string", lambda: instances.record_quality("i", "", {})),
