@@ -2352,8 +2352,8 @@ class LocalApiServer:
             answer = reject.status, reject.envelope()
         except Exception as exc:  # a handler's bug is a 500 with an envelope, as a real server's would be
             answer = 500, _Reject(0, "internal_error", f"{type(exc).__name__}: {exc}").envelope()
-        if key is not None:
-            self._replies[method, path, key] = answer
+        if key is not None:  # a copy: a replay is the first answer as sent, not the record as it is now
+            answer = self._replies[method, path, key] = (answer[0], json.loads(json.dumps(answer[1])))
         return answer
 
     # -- endpoints -----------------------------------------------------------------

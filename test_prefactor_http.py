@@ -2026,6 +2026,19 @@ class LimitTests(FaultTestCase):
 
 
 class LocalApiServerContractTests(ApiTestCase):
+    def test_a_replay_is_the_first_answer_as_it_was_sent(self):
+        inst = self.register()
+        first = self.client.agent_instances.start(inst.id, idempotency_key="start-key-0001")
+        self.client.agent_instances.finish(inst.id, status="complete")
+        again = self.client.agent_instances.start(inst.id, idempotency_key="start-key-0001")
+        self.assertEqual((first.status, again.status), ("active", "active"))  # not the finished record
+        self.assertEqual(self.api.instances[inst.id]["status"], "complete")
+        register = {"_type": "agent_instances/register", "idempotency_key": "bulk-reg-0001", "id": "bulk-i-1"}
+        register["agent_version"] = {"name": "b", "external_identifier": "v1"}
+        start = {"_type": "agent_instances/start", "idempotency_key": "bulk-start-01", "agent_instance_id": "bulk-i-1"}
+        outputs = self.client.bulk.execute([register, start]).outputs
+        self.assertEqual(outputs["bulk-reg-0001"].details["status"], "pending")  # as it was when registered
+
     """LocalApiServer answers as the API does (api/prefactor-api.md): users' tests rely on it."""
 
     def assert_recent(self, text):
