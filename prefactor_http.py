@@ -2275,8 +2275,7 @@ class LocalApiServer:
         self, status: int, times: int = 1, retry_after: float | str | None = None, path: str | None = None
     ) -> None:
         """Answer the next ``times`` requests (on ``path``, or any) with ``status``."""
-        with self._lock:
-            self._faults.append(dict(kind="status", status=status, times=times, retry_after=retry_after, path=path))
+        self._add_fault(kind="status", status=status, times=times, retry_after=retry_after, path=path)
 
     def drop_next(self, times: int = 1, *, when: str = "before", path: str | None = None) -> None:
         """Close the connection of the next ``times`` requests without answering:
@@ -2284,8 +2283,12 @@ class LocalApiServer:
         ``idle``: answer, then close the kept-alive connection."""
         if when not in ("before", "after", "idle"):
             raise ValueError("when must be 'before', 'after' or 'idle'")
-        with self._lock:
-            self._faults.append({"kind": when, "times": times, "path": path})
+        self._add_fault(kind=when, times=times, path=path)
+
+    def _add_fault(self, **fault: Any) -> None:
+        if fault["times"] > 0:  # times=0 injects nothing
+            with self._lock:
+                self._faults.append(fault)
 
     def terminate(self, instance_id: str, reason: str) -> None:
         """Terminate an instance: later span responses carry ``control``."""

@@ -2026,6 +2026,12 @@ class LimitTests(FaultTestCase):
 
 
 class LocalApiServerContractTests(ApiTestCase):
+    def test_a_fault_for_zero_requests_is_no_fault(self):
+        self.api.fail_next(503, times=0)
+        self.api.drop_next(times=0)
+        self.assertEqual(self.client.validate_token(), {"status": "success"})
+        self.assertEqual((len(self.api.requests), self.sleeps), (1, []))
+
     def test_a_replay_is_the_first_answer_as_it_was_sent(self):
         inst = self.register()
         first = self.client.agent_instances.start(inst.id, idempotency_key="start-key-0001")
