@@ -322,6 +322,13 @@ class ConfigTests(unittest.TestCase):
         )
         self.assertEqual((c.total_timeout, c.ca_file, c.trust_env), (None, None, True))
 
+    def test_a_host_name_may_end_in_a_dot(self):
+        self.assertEqual(
+            HttpClientConfig(api_url="https://api.example.com./", api_token=TOKEN).api_url, "https://api.example.com./"
+        )
+        with self.assertRaisesRegex(ValueError, "api_url"):
+            HttpClientConfig(api_url="https://api..example.com/", api_token=TOKEN)
+
     def test_bad_values_are_value_errors_naming_the_field(self):
         cases = {
             "api_url": {"api_url": ""},
@@ -479,6 +486,24 @@ class WireTests(ApiTestCase):
         self.assertEqual(got, {"status": "success"})
         self.assertEqual(self.last()["query"], {"x": "true"})
         self.assertEqual(self.last()["headers"].get("Idempotency-Key"), "hdr-key-1")
+
+    def test_request_takes_the_five_methods_and_a_path_only(self):
+        self.api.fail_next(404, times=1)  # PATCH has no route in the stand-in: it answers, so it was sent
+        with self.assertRaises(ph.PrefactorNotFoundError):
+            self.client.request("patch", "/api/v1/nothing", json_data={"a": 1})
+        self.assertEqual(self.last()["method"], "PATCH")
+        sent = len(self.api.requests)
+        for method, path in (
+            ("TRACE", "/x"),
+            ("", "/x"),
+            ("GET", "x"),
+            ("GET", "/a b"),
+            ("GET", "/a#b"),
+            ("GET", b"/x"),
+        ):
+            with self.subTest(method=method, path=path), self.assertRaises(ValueError):
+                self.client.request(method, path)
+        self.assertEqual(len(self.api.requests), sent)
 
     def test_closing_during_a_retry_wait_stops_the_call(self):
         self.api.fail_next(503)
@@ -1797,6 +1822,18 @@ class LoggingTests(ApiTestCase):
         self.assertRegex(logs.output[0], r"GET /api/v1/ping -> PrefactorApiError: .*503.* in [\d.]+ ms \(attempt 1\)")
         self.assertRegex(logs.output[1], r"GET /api/v1/ping -> 200 in [\d.]+ ms \(attempt 2\)")
 
+    def test_the_log_line_leaves_the_query_out_and_counts_milliseconds(self):
+        clock = iter([100.0, 100.25, 100.25, 100.25, 100.25, 100.25])
+        with self.assertLogs("prefactor_http", "DEBUG") as logs:
+            real = ph._monotonic
+            ph._monotonic = lambda: next(clock, 100.25)
+            try:
+                self.client.request("GET", "/api/v1/ping", params={"secret_filter": "x"})
+            finally:
+                ph._monotonic = real
+        self.assertNotIn("secret_filter", logs.output[0])
+        self.assertRegex(logs.output[0], r"GET /api/v1/ping -> 200 in 250\.0 ms \(attempt 1\)")
+
 
 class ThreadTests(ApiTestCase):
     def test_one_client_shared_by_threads_completes_every_call_once(self):
@@ -2778,6 +2815,43 @@ class AsyncFacadeTests(FaultTestCase):
         self.assertTrue(released, "cancelled calls still wait for their answers")
         self.assertTrue(all(isinstance(r, asyncio.CancelledError) for r in results))
         self.assertEqual(len(server.requests), 20)  # no call made a second attempt
+
+    def test_a_call_cancelled_while_waiting_for_its_answer_frees_its_worker_at_once(self):
+        ok = http_response(200, {"status": "success"})
+        server = FaultServer([("stall",)], [("reply", ok)])  # the first connection never answers
+        self.addCleanup(server.close)
+        client = ph.AsyncPrefactorHttpClient(
+            HttpClientConfig(api_url=server.url, api_token=TOKEN, trust_env=False, request_timeout=30),
+            max_concurrency=1,
+        )
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            stalled = asyncio.ensure_future(client.validate_token())
+            await loop.run_in_executor(None, wait_until, lambda: len(server.requests) == 1)
+            stalled.cancel()
+            await asyncio.gather(stalled, return_exceptions=True)
+            answer = await asyncio.wait_for(client.validate_token(), 10)  # not 30 s behind the stalled read
+            await client.close()
+            return answer
+
+        self.assertEqual(asyncio.run(main()), {"status": "success"})
+        self.assertEqual(len(server.requests), 2)
+
+    def test_max_concurrency_repr_and_a_closed_client(self):
+        config = HttpClientConfig(api_url="http://127.0.0.1:9", api_token=TOKEN)
+        for bad in (0, -1, True, 1.5, "2"):
+            with self.subTest(bad=bad), self.assertRaisesRegex(ValueError, "max_concurrency"):
+                ph.AsyncPrefactorHttpClient(config, max_concurrency=bad)
+        client = ph.AsyncPrefactorHttpClient(config, max_concurrency=1)
+        self.assertEqual(repr(client), "AsyncPrefactorHttpClient(api_url='http://127.0.0.1:9')")
+
+        async def main():
+            await client.close()
+            await client.validate_token()
+
+        with self.assertRaisesRegex(ph.PrefactorClientError, "the client is closed"):
+            asyncio.run(main())
 
     def test_a_queued_call_never_starts_and_a_backoff_wait_ends(self):
         with LocalApiServer(token=TOKEN) as api:
