@@ -761,26 +761,6 @@ class BadInputTests(ApiTestCase):
 
 
 class PublicSurfaceTests(unittest.TestCase):
-    def test_all_names_exactly_the_public_api_and_each_resolves(self):
-        expected = {
-            *("HttpClientConfig", "PrefactorHttpClient", "AsyncPrefactorHttpClient", "LocalApiServer"),
-            *("AgentInstance", "AgentInstanceSpanCounts", "AgentSpan", "Agent", "AgentSummary", "ListResponse"),
-            *("Pagination", "BulkItem", "BulkRequest", "BulkOutput", "BulkResponse"),
-            *("AgentVersionForRegister", "AgentSchemaVersionForRegister", "SpanTypeSchemaForCreate"),
-            *("RuntimeEnvironment", "QualitySchemaForCreate", "QualitySchemaDetails", "FinishInstanceRequest"),
-            *("AgentInstanceRecordQuality", "ApiResponse"),
-            *("AgentStatus", "FinishStatus", "InstancePurpose"),
-            *("PrefactorHttpError", "PrefactorApiError", "PrefactorAuthError", "PrefactorNotFoundError"),
-            *("PrefactorConflictError", "PrefactorValidationError", "PrefactorConnectionError"),
-            *("PrefactorTimeoutError", "PrefactorResponseContractError", "PrefactorRetryExhaustedError"),
-            *("PrefactorClientError", "is_transient_http_error", "is_permanent_http_error"),
-        }
-        self.assertEqual(set(ph.__all__), expected)
-        self.assertEqual(len(ph.__all__), len(expected))
-        for name in ph.__all__:
-            self.assertIsNotNone(getattr(ph, name), name)
-        self.assertRegex(ph.__version__, r"^\d+\.\d+\.\d+$")
-
     def test_literal_aliases_list_every_value(self):
         import typing
 
